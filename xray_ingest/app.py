@@ -1,0 +1,149 @@
+"""Builds the Starlette application: routes, error-to-status mapping, and the lifespan that opens
+the pool and runs the flusher."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from xray_ingest import db, routes
+from xray_ingest.buffer import Buffer, Flusher
+from xray_ingest.config import Settings, load_settings
+from xray_ingest.errors import (
+    BadRequestError,
+    BatchTooLargeError,
+    BodyTooLargeError,
+    ConfigError,
+    MigrationError,
+    QueueFullError,
+    ShuttingDownError,
+    XrayError,
+)
+from xray_ingest.migrate import pending_migrations
+from xray_ingest.models import ErrorBody, FieldError
+
+logger = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return routes.MsgspecResponse(ErrorBody(message), status_code=status, headers=headers)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    retry_after = str(request.app.state.settings.retry_after_s)
+    return _error(503, str(exc), {"Retry-After": retry_after})
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequestError)
+    return routes.MsgspecResponse(
+        ErrorBody(str(exc), [FieldError(exc.path, str(exc))]), status_code=400
+    )
+
+
+async def _too_large(request: Request, exc: Exception) -> Response:
+    return _error(413, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, exc.detail, exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return _error(400, "the client disconnected before sending the whole body")
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error(
+        "unhandled error on %s %s",
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={"action": "request"},
+    )
+    return _error(500, "internal server error")
+
+
+async def _check_schema(pool: db.Pool) -> None:
+    try:
+        async with pool.acquire(timeout=10) as connection:
+            pending = await pending_migrations(connection)
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as exc:
+        logger.warning(
+            "database unreachable at start (%s); events queue until it is back",
+            exc,
+            extra={"action": "start"},
+        )
+        return
+    if pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+        raise MigrationError(
+            f"database has pending migrations ({names}); run `xray-ingest migrate`"
+        )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Builds the app; with no settings, loads them from the environment (uvicorn's factory)."""
+    if settings is None:
+        settings = load_settings()
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set")
+    dsn = settings.database_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await db.create_pool(dsn, settings.copy_connections + settings.query_connections)
+        try:
+            await _check_schema(pool)
+            buffer = Buffer(settings.queue_max_events, settings.queue_max_bytes)
+            flusher = Flusher(
+                buffer,
+                db.PoolSink(pool),
+                max_events=settings.flush_max_events,
+                interval_s=settings.flush_interval_ms / 1000,
+                connections=settings.copy_connections,
+            )
+            app.state.pool = pool
+            app.state.buffer = buffer
+            flusher.start()
+            logger.info("xray-ingest ready", extra={"action": "start"})
+            try:
+                yield
+            finally:
+                await flusher.stop(settings.shutdown_timeout_s)
+        finally:
+            await pool.close()
+
+    app = Starlette(
+        routes=[
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/events", routes.ingest_event, methods=["POST"]),
+            Route("/v1/events", routes.list_trace_events, methods=["GET"]),
+            Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
+            Route("/v1/events/{span_id}", routes.get_event, methods=["GET"]),
+            Route("/v1/traces", routes.list_traces, methods=["GET"]),
+        ],
+        exception_handlers={
+            QueueFullError: _unavailable,
+            ShuttingDownError: _unavailable,
+            BadRequestError: _bad_request,
+            BodyTooLargeError: _too_large,
+            BatchTooLargeError: _too_large,
+            HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
+            XrayError: _internal_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

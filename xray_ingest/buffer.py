@@ -1,0 +1,201 @@
+"""The bounded in-process queue of accepted events and the Flusher that COPYs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from xray_ingest.errors import QueueFullError, RejectedRowsError, ShuttingDownError
+from xray_ingest.models import Row
+
+logger = logging.getLogger(__name__)
+
+RETRY_BASE_S = 0.05
+RETRY_CAP_S = 5.0
+
+
+class Sink(Protocol):
+    """Where flushed rows go: db.PoolSink in the server, a fake in unit tests."""
+
+    async def copy_events(self, rows: Sequence[Row]) -> int: ...
+
+    async def store_dead_letter(self, row: Row, error: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Chunk:
+    """The rows of one request, queued together."""
+
+    rows: list[Row]
+    size: int
+
+
+@dataclass(slots=True)
+class Counters:
+    accepted: int = 0
+    committed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    flushes: int = 0
+    flush_errors: int = 0
+
+
+class Buffer:
+    """A queue of Chunks bounded by event count and bytes.
+
+    An event counts against the bounds from put() until the flusher has committed it, so memory
+    stays bounded however long the database is away.
+    """
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.events = 0
+        self.bytes = 0
+        self.closed = False
+        self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.counters = Counters()
+
+    def has_room(self, events: int = 1, size: int = 0) -> bool:
+        return self.events + events <= self.max_events and self.bytes + size <= self.max_bytes
+
+    def put(self, rows: list[Row], size: int) -> None:
+        """Queues rows; raises QueueFullError or ShuttingDownError and then takes none of them."""
+        if self.closed:
+            raise ShuttingDownError
+        if not self.has_room(len(rows), size):
+            raise QueueFullError
+        self.events += len(rows)
+        self.bytes += size
+        self.counters.accepted += len(rows)
+        self.queue.put_nowait(Chunk(rows, size))
+
+    def release(self, chunk: Chunk) -> None:
+        """Marks a chunk as committed (or given up), freeing its room."""
+        self.events -= len(chunk.rows)
+        self.bytes -= chunk.size
+        self.queue.task_done()
+
+
+@dataclass
+class Flusher:
+    """Drains the buffer with `connections` concurrent workers, each writing batches of up to
+    max_events events, or what arrived within interval_s of a batch's first chunk."""
+
+    buffer: Buffer
+    sink: Sink
+    max_events: int
+    interval_s: float
+    connections: int
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"flusher-{n}") for n in range(self.connections)
+        ]
+
+    async def stop(self, timeout_s: float) -> int:
+        """Stops accepting, waits up to timeout_s for everything queued to be committed, and
+        returns the number of events that were not (and so are lost)."""
+        self.buffer.closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.buffer.queue.join(), timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        lost = self.buffer.events
+        if lost:
+            logger.error(
+                "shutdown deadline passed with %d events not committed",
+                lost,
+                extra={"action": "shutdown", "rows": lost},
+            )
+        return lost
+
+    async def _collect(self) -> list[Chunk]:
+        queue = self.buffer.queue
+        chunks = [await queue.get()]
+        count = len(chunks[0].rows)
+        deadline = time.monotonic() + self.interval_s
+        while count < self.max_events:
+            if queue.empty():
+                delay = deadline - time.monotonic()
+                if delay <= 0:
+                    break
+                # Linger briefly so a trickle of small requests still makes one COPY.
+                await asyncio.sleep(delay)
+                if queue.empty():
+                    break
+            chunk = queue.get_nowait()
+            chunks.append(chunk)
+            count += len(chunk.rows)
+        return chunks
+
+    async def _work(self) -> None:
+        while True:
+            chunks = await self._collect()
+            rows = chunks[0].rows if len(chunks) == 1 else [r for c in chunks for r in c.rows]
+            await self._write(rows)
+            for chunk in chunks:
+                self.buffer.release(chunk)
+
+    async def _write(self, rows: list[Row]) -> None:
+        """Writes rows, retrying with capped exponential backoff and jitter until they are in."""
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                await self._write_isolating(rows)
+            except Exception:
+                attempt += 1
+                self.buffer.counters.flush_errors += 1
+                delay = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+                logger.exception(
+                    "flush of %d events failed (attempt %d); retrying in %.2fs",
+                    len(rows),
+                    attempt,
+                    delay,
+                    extra={"action": "flush", "rows": len(rows), "attempt": attempt},
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.buffer.counters.flushes += 1
+            logger.debug(
+                "flushed %d events",
+                len(rows),
+                extra={
+                    "action": "flush",
+                    "rows": len(rows),
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            return
+
+    async def _write_isolating(self, rows: Sequence[Row]) -> None:
+        """Writes rows; when the database refuses some row, halves the batch until the refused
+        rows stand alone and moves each to the dead-letter table."""
+        counters = self.buffer.counters
+        try:
+            stored = await self.sink.copy_events(rows)
+        except RejectedRowsError as exc:
+            if len(rows) == 1:
+                await self.sink.store_dead_letter(rows[0], str(exc))
+                counters.dead_lettered += 1
+                logger.warning(
+                    "dead-lettered one event the database refused: %s",
+                    exc,
+                    extra={"action": "dead_letter", "rows": 1},
+                )
+                return
+            middle = len(rows) // 2
+            await self._write_isolating(rows[:middle])
+            await self._write_isolating(rows[middle:])
+            return
+        counters.committed += stored
+        counters.duplicates += len(rows) - stored

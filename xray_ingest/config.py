@@ -1,0 +1,112 @@
+"""The server's settings: one frozen Settings built once from DATABASE_URL and XRAY_* variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from xray_ingest.errors import ConfigError
+
+# libpq's connection variables; asyncpg reads them itself when the DSN leaves a part out.
+_LIBPQ_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting, with the defaults a user gets when the variable is unset."""
+
+    # None: no database configured; `serve` then starts the embedded PostgreSQL.
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    data_dir: Path = Path(".xray")
+    queue_max_events: int = 100_000
+    queue_max_bytes: int = 64 * MIB
+    flush_max_events: int = 5_000
+    flush_interval_ms: int = 10
+    copy_connections: int = 2
+    query_connections: int = 4
+    max_body_bytes: int = 10 * MIB
+    max_batch_events: int = 10_000
+    shutdown_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    log_level: str = "INFO"
+
+
+def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw}")
+    return value
+
+
+def _database_url(environ: Mapping[str, str]) -> str | None:
+    url = environ.get("DATABASE_URL")
+    if url:
+        if not url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://")
+        return url
+    if any(environ.get(name) for name in _LIBPQ_VARIABLES):
+        return "postgresql://"
+    return None
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    """Builds Settings from the environment; raises ConfigError naming a malformed variable."""
+    defaults = Settings()
+    log_level = environ.get("XRAY_LOG_LEVEL", defaults.log_level).upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"XRAY_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
+    settings = Settings(
+        database_url=_database_url(environ),
+        host=environ.get("XRAY_HOST") or defaults.host,
+        port=_integer(environ, "XRAY_PORT", defaults.port, 0),
+        workers=_integer(environ, "XRAY_WORKERS", defaults.workers, 1),
+        data_dir=Path(environ.get("XRAY_DATA_DIR") or defaults.data_dir),
+        queue_max_events=_integer(environ, "XRAY_QUEUE_MAX_EVENTS", defaults.queue_max_events, 1),
+        queue_max_bytes=_integer(environ, "XRAY_QUEUE_MAX_BYTES", defaults.queue_max_bytes, 1),
+        flush_max_events=_integer(environ, "XRAY_FLUSH_MAX_EVENTS", defaults.flush_max_events, 1),
+        flush_interval_ms=_integer(
+            environ, "XRAY_FLUSH_INTERVAL_MS", defaults.flush_interval_ms, 0
+        ),
+        copy_connections=_integer(environ, "XRAY_COPY_CONNECTIONS", defaults.copy_connections, 1),
+        query_connections=_integer(
+            environ, "XRAY_QUERY_CONNECTIONS", defaults.query_connections, 1
+        ),
+        max_body_bytes=_integer(environ, "XRAY_MAX_BODY_BYTES", defaults.max_body_bytes, 1),
+        max_batch_events=_integer(environ, "XRAY_MAX_BATCH_EVENTS", defaults.max_batch_events, 1),
+        shutdown_timeout_s=_number(
+            environ, "XRAY_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, 0.0
+        ),
+        retry_after_s=_integer(environ, "XRAY_RETRY_AFTER_S", defaults.retry_after_s, 0),
+        log_level=log_level,
+    )
+    if settings.queue_max_events < settings.max_batch_events:
+        raise ConfigError("XRAY_QUEUE_MAX_EVENTS must be >= XRAY_MAX_BATCH_EVENTS")
+    if settings.queue_max_bytes < settings.max_body_bytes:
+        raise ConfigError("XRAY_QUEUE_MAX_BYTES must be >= XRAY_MAX_BODY_BYTES")
+    return settings

@@ -1,0 +1,374 @@
+"""msgspec Structs for the event envelope and the known event parts, and the decoding of bodies
+into COPY rows. Structs describe only what we check; the stored payload stays the client's bytes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, TypeAlias
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+from xray_ingest.errors import BatchTooLargeError
+
+INT4_MAX: Final = 2**31 - 1
+
+EventType = Annotated[str, Meta(min_length=1, max_length=50)]
+Service = Annotated[str, Meta(max_length=255)]
+DurationMs = Annotated[float, Meta(ge=0, le=INT4_MAX)]
+Count = Annotated[int, Meta(ge=0, le=INT4_MAX)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+JsonObject = dict[str, Raw]
+
+# One events row, in db.COPY_COLUMNS order: id, event_type, trace_id, span_id, parent_span_id,
+# service, timestamp, duration_ms, data (the event's JSON bytes as sent).
+Row: TypeAlias = tuple[
+    uuid.UUID,
+    str,
+    uuid.UUID,
+    uuid.UUID,
+    uuid.UUID | None,
+    str | None,
+    datetime,
+    int | None,
+    bytes | Raw,
+]
+
+
+class Envelope(Struct, kw_only=True):
+    """The fields every event carries; unknown fields are ignored here and kept in the payload."""
+
+    trace_id: uuid.UUID
+    timestamp: datetime
+    span_id: uuid.UUID | None = None
+    parent_span_id: uuid.UUID | None = None
+    service: Service | None = None
+    duration_ms: DurationMs | None = None
+    metadata: JsonObject | None = None
+
+
+# ---- llm_call parts --------------------------------------------------------------------------
+
+
+class Reasoning(Struct, kw_only=True):
+    summary: str | None = None
+    confidence: Fraction | None = None
+    decision_factors: list[str] | None = None
+    alternatives_considered: list[str] | None = None
+
+
+class ModelParams(Struct, kw_only=True):
+    temperature: float | None = None
+    max_tokens: Count | None = None
+    seed: int | None = None
+
+
+class Model(Struct, kw_only=True):
+    provider: str | None = None
+    name: str | None = None
+    temperature: float | None = None
+    params: ModelParams | None = None
+
+
+class LlmInput(Struct, kw_only=True):
+    input_tokens: Count | None = None
+    raw_prompt: str | None = None
+    system_prompt_hash: str | None = None
+    user_prompt_hash: str | None = None
+
+
+class LlmOutput(Struct, kw_only=True):
+    output_tokens: Count | None = None
+    response_text: str | None = None
+    response_hash: str | None = None
+    finish_reason: str | None = None
+
+
+class Variability(Struct, kw_only=True):
+    nondeterministic: bool | None = None
+    reason: str | None = None
+
+
+class Metrics(Struct, kw_only=True):
+    latency_ms: float | None = None
+    cost_usd: float | None = None
+
+
+class LlmCallEvent(Envelope, tag_field="event_type", tag="llm_call"):
+    reasoning: Reasoning | None = None
+    model: Model | None = None
+    input: LlmInput | None = None
+    output: LlmOutput | None = None
+    variability: Variability | None = None
+    metrics: Metrics | None = None
+
+
+# ---- decision parts --------------------------------------------------------------------------
+
+
+class ReasonCount(Struct, kw_only=True):
+    count: Count | None = None
+    reason: str | None = None
+
+
+class DecisionPart(Struct, kw_only=True):
+    input_count: Count | None = None
+    output_count: Count | None = None
+    kept: list[ReasonCount] | None = None
+    dropped: list[ReasonCount] | None = None
+
+
+class DecisionEvent(Envelope, tag_field="event_type", tag="decision"):
+    decision: DecisionPart | None = None
+    criteria: JsonObject | None = None
+
+
+# ---- http_request parts ----------------------------------------------------------------------
+
+
+class HttpRequestPart(Struct, kw_only=True):
+    method: str | None = None
+    url: str | None = None
+
+
+class HttpResponsePart(Struct, kw_only=True):
+    status: int | None = None
+
+
+class HttpErrorPart(Struct, kw_only=True):
+    message: str | None = None
+    code: str | int | None = None
+
+
+class HttpRequestEvent(Envelope, tag_field="event_type", tag="http_request"):
+    request: HttpRequestPart | None = None
+    response: HttpResponsePart | None = None
+    error: HttpErrorPart | None = None
+
+
+# ---- custom events ---------------------------------------------------------------------------
+
+
+class CustomEvent(Envelope):
+    """Any other event_type (`logCustom(type, data)`)."""
+
+    event_type: EventType
+    data: JsonObject | None = None
+
+
+KnownEvent = LlmCallEvent | DecisionEvent | HttpRequestEvent
+Event = KnownEvent | CustomEvent
+
+
+class BatchRequest(Struct):
+    events: list[Raw]
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+class ItemError(Struct):
+    index: int
+    path: str
+    message: str
+
+
+class FieldError(Struct):
+    path: str
+    message: str
+
+
+class ErrorBody(Struct, omit_defaults=True):
+    error: str
+    errors: list[FieldError] = []
+
+
+class EventAccepted(Struct):
+    id: uuid.UUID
+    trace_id: uuid.UUID
+    message: str = "Event accepted"
+
+
+class BatchAccepted(Struct):
+    accepted: int
+    count: int
+    ids: list[uuid.UUID | None]
+    errors: list[ItemError]
+    message: str
+
+
+class EventList(Struct):
+    trace_id: uuid.UUID
+    count: int
+    events: list[Raw]
+
+
+class TraceSummary(Struct):
+    trace_id: uuid.UUID
+    start_time: datetime
+    end_time: datetime
+    duration_ms: int
+    event_count: int
+    services: list[str]
+    event_types: Raw
+
+
+class TracePage(Struct):
+    traces: list[TraceSummary]
+    next_cursor: str | None
+
+
+class Health(Struct):
+    status: str
+    timestamp: datetime
+    database: str
+    queue_events: int
+    version: str
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+_KNOWN_DECODER: Final[msgspec.json.Decoder[KnownEvent]] = msgspec.json.Decoder(KnownEvent)
+_CUSTOM_DECODER: Final = msgspec.json.Decoder(CustomEvent)
+_BATCH_DECODER: Final[msgspec.json.Decoder[list[Raw] | BatchRequest]] = msgspec.json.Decoder(
+    list[Raw] | BatchRequest
+)
+ENCODER: Final = msgspec.json.Encoder()
+
+_NUL_ESCAPE: Final = b"\\u0000"
+# An escaped NUL is a backslash-u0000 preceded by an even number of backslashes (none included).
+_REAL_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_MISSING_FIELD: Final = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_TAG_PATH: Final = "$.event_type"
+
+
+class InvalidEvent(Exception):
+    """One event that failed validation, with the JSON path of the bad field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _split_error(exc: Exception) -> tuple[str, str]:
+    """Turns msgspec's "message - at `$.path`" into (path, message), naming missing fields."""
+    if isinstance(exc, RecursionError):
+        return "$", "JSON is nested too deeply"
+    text = str(exc)
+    message, separator, path = text.rpartition(" - at `")
+    if separator:
+        path = path.rstrip("`")
+    else:
+        message, path = text, "$"
+    missing = _MISSING_FIELD.match(message)
+    if missing:
+        path = f"{path}.{missing['field']}"
+    return path, message
+
+
+def decode_event(raw: bytes | Raw) -> Event:
+    """Decodes one event; raises InvalidEvent naming the bad field."""
+    try:
+        try:
+            return _KNOWN_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            # Not one of the known tags (or no usable tag): decode as a custom event, which also
+            # gives the precise error for a missing, mistyped or over-long event_type.
+            if _split_error(exc)[0] != _TAG_PATH:
+                raise
+        return _CUSTOM_DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidEvent(*_split_error(exc)) from None
+
+
+def _event_type(event: Event) -> str:
+    if isinstance(event, CustomEvent):
+        return event.event_type
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def to_row(event: Event, raw: bytes | Raw) -> Row:
+    """Builds the COPY row; a missing span_id is generated and appended to the payload."""
+    span_id = event.span_id
+    data: bytes | Raw = raw
+    if span_id is None:
+        span_id = uuid.uuid4()
+        # The payload is a non-empty object (it has the required fields), so it ends with "}".
+        # Appended last, our span_id wins over a client's `"span_id": null` in jsonb.
+        text = bytes(raw).rstrip()
+        data = b"".join((text[:-1], b',"span_id":"', str(span_id).encode(), b'"}'))
+    timestamp = event.timestamp
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    duration = event.duration_ms
+    return (
+        span_id,
+        _event_type(event),
+        event.trace_id,
+        span_id,
+        event.parent_span_id,
+        event.service,
+        timestamp,
+        None if duration is None else round(duration),
+        data,
+    )
+
+
+def decode_row(raw: bytes | Raw, check_nul: bool = True) -> Row:
+    """Decodes one event into its row; raises InvalidEvent naming the bad field."""
+    if check_nul and _REAL_NUL_ESCAPE.search(memoryview(raw)):
+        raise InvalidEvent("$", "strings must not contain \\u0000 (PostgreSQL cannot store it)")
+    return to_row(decode_event(raw), raw)
+
+
+class DecodedBatch(Struct):
+    rows: list[Row]
+    ids: list[uuid.UUID | None]
+    errors: list[ItemError]
+    size: int
+
+
+def split_batch(body: bytes, ndjson: bool) -> list[Raw] | list[bytes]:
+    """Splits a batch body into its items; raises InvalidEvent for a body that is not a batch."""
+    if ndjson:
+        return [stripped for line in body.splitlines() if (stripped := line.strip())]
+    try:
+        decoded = _BATCH_DECODER.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidEvent(*_split_error(exc)) from None
+    return decoded.events if isinstance(decoded, BatchRequest) else decoded
+
+
+def decode_batch(body: bytes, ndjson: bool, max_items: int) -> DecodedBatch:
+    """Decodes every item of a batch body, collecting a per-item error for each bad one.
+
+    Raises InvalidEvent when the body is not a batch, BatchTooLargeError past max_items.
+    """
+    items = split_batch(body, ndjson)
+    if len(items) > max_items:
+        raise BatchTooLargeError(f"a batch holds at most {max_items} events, got {len(items)}")
+    check_nul = _NUL_ESCAPE in body
+    rows: list[Row] = []
+    ids: list[uuid.UUID | None] = []
+    errors: list[ItemError] = []
+    size = 0
+    for index, raw in enumerate(items):
+        try:
+            row = decode_row(raw, check_nul)
+        except InvalidEvent as exc:
+            errors.append(ItemError(index, exc.path, exc.message))
+            ids.append(None)
+            continue
+        rows.append(row)
+        ids.append(row[3])
+        size += len(raw)
+    return DecodedBatch(rows, ids, errors, size)
+
+
+def encode(value: Any) -> bytes:
+    return ENCODER.encode(value)

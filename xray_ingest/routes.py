@@ -1,0 +1,224 @@
+"""The HTTP endpoints: read the body bytes, decode, enqueue or query, respond."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from xray_ingest import __version__, db
+from xray_ingest.buffer import Buffer
+from xray_ingest.errors import BadRequestError, BodyTooLargeError, QueueFullError
+from xray_ingest.models import (
+    ENCODER,
+    BatchAccepted,
+    ErrorBody,
+    EventAccepted,
+    EventList,
+    FieldError,
+    Health,
+    InvalidEvent,
+    TracePage,
+    TraceSummary,
+    decode_batch,
+    decode_row,
+)
+
+NDJSON_TYPES: Final = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 1000
+HEALTH_TIMEOUT_S: Final = 2.0
+# Keyset cursor for the first page: sorts after every stored trace.
+_FIRST_PAGE: Final = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
+
+
+class MsgspecResponse(Response):
+    """A JSON response rendered by the shared msgspec encoder."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return ENCODER.encode(content)
+
+
+def _buffer(request: Request) -> Buffer:
+    buffer: Buffer = request.app.state.buffer
+    return buffer
+
+
+def _pool(request: Request) -> db.Pool:
+    pool: db.Pool = request.app.state.pool
+    return pool
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Reads the body, refusing it (BodyTooLargeError) as soon as it passes limit bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"request body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    received = 0
+    async for part in request.stream():
+        received += len(part)
+        if received > limit:
+            raise BodyTooLargeError(f"request body is larger than {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _read_ingest_body(request: Request) -> bytes:
+    # Refuse before reading or decoding anything when there is no room at all.
+    if not _buffer(request).has_room():
+        raise QueueFullError
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    if not body.strip():
+        raise BadRequestError("request body is empty; send a JSON event")
+    return body
+
+
+def _invalid(message: str, errors: list[FieldError]) -> MsgspecResponse:
+    return MsgspecResponse(ErrorBody(message, errors), status_code=400)
+
+
+async def ingest_event(request: Request) -> Response:
+    """POST /v1/events: one event object."""
+    body = await _read_ingest_body(request)
+    try:
+        row = decode_row(body)
+    except InvalidEvent as exc:
+        return _invalid(
+            f"invalid event: {exc.message} at {exc.path}", [FieldError(exc.path, exc.message)]
+        )
+    _buffer(request).put([row], len(body))
+    return MsgspecResponse(EventAccepted(id=row[3], trace_id=row[2]), status_code=202)
+
+
+async def ingest_batch(request: Request) -> Response:
+    """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
+    body = await _read_ingest_body(request)
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    try:
+        batch = decode_batch(
+            body, content_type in NDJSON_TYPES, request.app.state.settings.max_batch_events
+        )
+    except InvalidEvent as exc:
+        return _invalid(
+            f'invalid batch: {exc.message} at {exc.path}; send {{"events": [...]}}, '
+            "a JSON array or NDJSON",
+            [FieldError(exc.path, exc.message)],
+        )
+    if not batch.ids:
+        return _invalid("batch is empty", [FieldError("$.events", "no events in the batch")])
+    if batch.rows:
+        _buffer(request).put(batch.rows, batch.size)
+    accepted = len(batch.rows)
+    if not batch.errors:
+        status, message = 202, f"{accepted} events accepted"
+    elif accepted:
+        status, message = 207, f"{accepted} events accepted, {len(batch.errors)} rejected"
+    else:
+        status, message = 400, f"all {len(batch.errors)} events rejected"
+    return MsgspecResponse(
+        BatchAccepted(accepted, accepted, batch.ids, batch.errors, message), status_code=status
+    )
+
+
+def _uuid_param(value: str | None, name: str) -> uuid.UUID:
+    if not value:
+        raise BadRequestError(f"{name} is required", path=name)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a UUID, got {value!r}", path=name) from None
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequestError(f"{name} must be an integer, got {value!r}", path=name) from None
+    if not low <= number <= high:
+        raise BadRequestError(f"{name} must be between {low} and {high}", path=name)
+    return number
+
+
+def encode_cursor(start_time: datetime, trace_id: uuid.UUID) -> str:
+    text = f"{start_time.isoformat()}|{trace_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Reverses encode_cursor; raises BadRequestError naming `cursor` for anything else."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        start_text, trace_text = text.split("|")
+        start_time = datetime.fromisoformat(start_text)
+        if start_time.tzinfo is None:
+            raise ValueError("naive time")
+        return start_time, uuid.UUID(trace_text)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequestError("cursor is not one this server issued", path="cursor") from None
+
+
+async def list_trace_events(request: Request) -> Response:
+    """GET /v1/events?trace_id=: the trace's events in time order."""
+    trace_id = _uuid_param(request.query_params.get("trace_id"), "trace_id")
+    events = await db.fetch_trace_events(_pool(request), trace_id)
+    return MsgspecResponse(EventList(trace_id, len(events), events))
+
+
+async def get_event(request: Request) -> Response:
+    """GET /v1/events/{span_id}: one stored event."""
+    span_id = _uuid_param(request.path_params["span_id"], "span_id")
+    event = await db.fetch_event(_pool(request), span_id)
+    if event is None:
+        return MsgspecResponse(ErrorBody(f"no event with span_id {span_id}"), status_code=404)
+    return MsgspecResponse(event)
+
+
+async def list_traces(request: Request) -> Response:
+    """GET /v1/traces: traces newest first, paged by an opaque keyset cursor."""
+    page_size = _int_param(request, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+    cursor = request.query_params.get("cursor")
+    after = decode_cursor(cursor) if cursor else _FIRST_PAGE
+    records = await db.fetch_traces_page(_pool(request), *after, page_size)
+    traces = [
+        TraceSummary(
+            trace_id=record["trace_id"],
+            start_time=record["start_time"],
+            end_time=record["end_time"],
+            duration_ms=round((record["end_time"] - record["start_time"]).total_seconds() * 1000),
+            event_count=record["event_count"],
+            services=record["services"],
+            event_types=record["event_types"],
+        )
+        for record in records
+    ]
+    next_cursor = None
+    if len(traces) == page_size:
+        next_cursor = encode_cursor(traces[-1].start_time, traces[-1].trace_id)
+    return MsgspecResponse(TracePage(traces, next_cursor))
+
+
+async def health(request: Request) -> Response:
+    """GET /health: always 200 while the process runs; `status` says whether all is well."""
+    database_time = await db.ping(_pool(request), HEALTH_TIMEOUT_S)
+    buffer = _buffer(request)
+    ok = database_time is not None
+    return MsgspecResponse(
+        Health(
+            status="ok" if ok else "degraded",
+            timestamp=datetime.now(UTC),
+            database="ok" if ok else "unreachable",
+            queue_events=buffer.events,
+            version=__version__,
+        )
+    )
