@@ -94,6 +94,7 @@ class Flusher:
     interval_s: float
     connections: int
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start(self) -> None:
         self._tasks = [
@@ -104,6 +105,7 @@ class Flusher:
         """Stops accepting, waits up to timeout_s for everything queued to be committed, and
         returns the number of events that were not (and so are lost)."""
         self.buffer.closed = True
+        self._stopping.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.buffer.queue.join(), timeout_s)
         for task in self._tasks:
@@ -126,10 +128,12 @@ class Flusher:
         while count < self.max_events:
             if queue.empty():
                 delay = deadline - time.monotonic()
-                if delay <= 0:
+                if delay <= 0 or self._stopping.is_set():
                     break
-                # Linger briefly so a trickle of small requests still makes one COPY.
-                await asyncio.sleep(delay)
+                # Linger briefly so a trickle of small requests still makes one COPY; stop()
+                # cuts the linger short so shutdown drains at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 if queue.empty():
                     break
             chunk = queue.get_nowait()

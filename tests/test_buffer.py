@@ -1,0 +1,279 @@
+"""The bounded buffer and the flusher: a fake sink for triggers and failures, then real COPY."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+import pytest
+
+from tests import samples
+from tests.samples import dumps
+from xray_ingest import buffer as buffer_module
+from xray_ingest import db
+from xray_ingest.buffer import Buffer, Flusher
+from xray_ingest.errors import QueueFullError, RejectedRowsError, ShuttingDownError
+from xray_ingest.models import Row, decode_row
+
+POISON = "poison"
+
+
+def make_rows(count: int, event_type: str = "cache_lookup", **fields: object) -> list[Row]:
+    return [
+        decode_row(dumps(samples.custom(event_type=event_type, **fields))) for _ in range(count)
+    ]
+
+
+class FakeSink:
+    """Records batches; can be slow, fail a number of times, or refuse POISON rows."""
+
+    def __init__(self, delay_s: float = 0.0, failures: int = 0) -> None:
+        self.delay_s = delay_s
+        self.failures = failures
+        self.batches: list[list[Row]] = []
+        self.dead: list[tuple[Row, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def stored(self) -> list[Row]:
+        return [row for batch in self.batches for row in batch]
+
+    async def copy_events(self, rows: Sequence[Row]) -> int:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionResetError("database went away")
+            if any(row[1] == POISON for row in rows):
+                raise RejectedRowsError("refused")
+            self.batches.append(list(rows))
+            return len(rows)
+        finally:
+            self.in_flight -= 1
+
+    async def store_dead_letter(self, row: Row, error: str) -> None:
+        self.dead.append((row, error))
+
+
+def flusher_for(
+    sink: FakeSink | db.PoolSink,
+    *,
+    max_events: int = 100,
+    interval_s: float = 0.01,
+    connections: int = 1,
+    buffer: Buffer | None = None,
+) -> Flusher:
+    return Flusher(
+        buffer or Buffer(max_events=10_000, max_bytes=10_000_000),
+        sink,
+        max_events=max_events,
+        interval_s=interval_s,
+        connections=connections,
+    )
+
+
+async def wait_for(condition: object, timeout_s: float = 5.0) -> None:
+    assert callable(condition)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buffer_module, "RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(buffer_module, "RETRY_CAP_S", 0.01)
+
+
+def test_put_beyond_the_event_bound_takes_nothing() -> None:
+    buffer = Buffer(max_events=5, max_bytes=1_000)
+    buffer.put(make_rows(3), 10)
+    with pytest.raises(QueueFullError):
+        buffer.put(make_rows(3), 10)
+    assert (buffer.events, buffer.bytes, buffer.queue.qsize()) == (3, 10, 1)
+    buffer.put(make_rows(2), 10)
+    assert not buffer.has_room()
+
+
+def test_put_beyond_the_byte_bound_takes_nothing() -> None:
+    buffer = Buffer(max_events=100, max_bytes=1_000)
+    buffer.put(make_rows(1), 900)
+    with pytest.raises(QueueFullError):
+        buffer.put(make_rows(1), 101)
+    assert (buffer.events, buffer.bytes) == (1, 900)
+
+
+def test_release_frees_room_and_closed_buffer_refuses() -> None:
+    buffer = Buffer(max_events=1, max_bytes=100)
+    buffer.put(make_rows(1), 10)
+    buffer.release(buffer.queue.get_nowait())
+    assert (buffer.events, buffer.bytes) == (0, 0)
+    buffer.closed = True
+    with pytest.raises(ShuttingDownError):
+        buffer.put(make_rows(1), 10)
+
+
+async def test_full_batches_flush_without_waiting_for_the_timer() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=10, interval_s=30)
+    for row in make_rows(20):
+        flusher.buffer.put([row], 1)
+    flusher.start()
+    await wait_for(lambda: len(sink.stored) == 20, timeout_s=2)
+    assert [len(batch) for batch in sink.batches] == [10, 10]
+    assert await flusher.stop(1) == 0
+
+
+async def test_timer_flushes_a_small_batch_collecting_what_arrives_meanwhile() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=1000, interval_s=0.2)
+    flusher.start()
+    flusher.buffer.put(make_rows(1), 1)
+    await asyncio.sleep(0.05)
+    assert sink.batches == []
+    flusher.buffer.put(make_rows(2), 1)
+    await wait_for(lambda: len(sink.stored) == 3)
+    assert [len(batch) for batch in sink.batches] == [3]
+    await flusher.stop(1)
+
+
+async def test_several_connections_write_batches_concurrently() -> None:
+    sink = FakeSink(delay_s=0.1)
+    flusher = flusher_for(sink, max_events=10, connections=3)
+    flusher.start()
+    for _ in range(3):
+        flusher.buffer.put(make_rows(10), 1)
+    await wait_for(lambda: len(sink.stored) == 30)
+    assert sink.max_in_flight == 3
+    await flusher.stop(1)
+
+
+async def test_failed_batch_is_retried_until_it_is_stored_once() -> None:
+    sink = FakeSink(failures=3)
+    flusher = flusher_for(sink)
+    rows = make_rows(5)
+    flusher.buffer.put(rows, 50)
+    flusher.start()
+    await wait_for(lambda: len(sink.stored) == 5)
+    assert sink.stored == rows
+    assert flusher.buffer.counters.flush_errors == 3
+    assert flusher.buffer.counters.committed == 5
+    assert flusher.buffer.events == 0
+    await flusher.stop(1)
+
+
+async def test_refused_row_is_isolated_and_dead_lettered_while_the_rest_is_stored() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink)
+    good = make_rows(6)
+    bad = make_rows(1, event_type=POISON)
+    rows = good[:4] + bad + good[4:]
+    flusher.buffer.put(rows, 70)
+    flusher.start()
+    await wait_for(lambda: flusher.buffer.events == 0)
+    assert sorted(map(id, sink.stored)) == sorted(map(id, good))
+    assert [row for row, _ in sink.dead] == bad
+    assert flusher.buffer.counters.dead_lettered == 1
+    await flusher.stop(1)
+
+
+async def test_stop_drains_everything_queued() -> None:
+    sink = FakeSink(delay_s=0.01)
+    flusher = flusher_for(sink, max_events=7, connections=2)
+    flusher.start()
+    for _ in range(50):
+        flusher.buffer.put(make_rows(3), 1)
+    assert await flusher.stop(5) == 0
+    assert len(sink.stored) == 150
+    with pytest.raises(ShuttingDownError):
+        flusher.buffer.put(make_rows(1), 1)
+
+
+async def test_stop_past_its_deadline_reports_what_was_not_committed() -> None:
+    sink = FakeSink(failures=10**9)
+    flusher = flusher_for(sink)
+    flusher.start()
+    flusher.buffer.put(make_rows(4), 1)
+    assert await flusher.stop(0.1) == 4
+
+
+# ---- real COPY -------------------------------------------------------------------------------
+
+
+async def test_copy_stores_rows_with_payloads_and_trace_start(pool: db.Pool) -> None:
+    trace_id = str(uuid.uuid4())
+    events = [
+        samples.llm_call(trace_id=trace_id, timestamp="2024-01-03T10:30:05Z"),
+        samples.decision(trace_id=trace_id, timestamp="2024-01-03T10:30:01+01:00"),
+    ]
+    rows = [decode_row(dumps(event)) for event in events]
+    assert await db.copy_events(pool, rows) == 2
+    async with pool.acquire() as connection:
+        stored = await connection.fetch(
+            "SELECT span_id, event_type, duration_ms, data::text AS data FROM events"
+        )
+        start = await connection.fetchval(
+            "SELECT start_time FROM traces WHERE trace_id = $1", uuid.UUID(trace_id)
+        )
+    assert {(str(r["span_id"]), r["event_type"], r["duration_ms"]) for r in stored} == {
+        (events[0]["span_id"], "llm_call", 567),
+        (events[1]["span_id"], "decision", None),
+    }
+    assert start == rows[1][6]
+
+
+async def test_copy_skips_events_already_stored_or_repeated_in_the_batch(pool: db.Pool) -> None:
+    rows = make_rows(3)
+    assert await db.copy_events(pool, rows) == 3
+    fresh = make_rows(2)
+    assert await db.copy_events(pool, [rows[0], *fresh, fresh[0], rows[2]]) == 2
+    async with pool.acquire() as connection:
+        assert await connection.fetchval("SELECT count(*) FROM events") == 5
+
+
+async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:
+    trace_id = str(uuid.uuid4())
+    late = make_rows(1, trace_id=trace_id, timestamp="2024-01-03T12:00:00Z")
+    early = make_rows(1, trace_id=trace_id, timestamp="2024-01-03T09:00:00Z")
+    await db.copy_events(pool, late)
+    await db.copy_events(pool, early)
+    await db.copy_events(pool, late)
+    async with pool.acquire() as connection:
+        start = await connection.fetchval("SELECT start_time FROM traces")
+    assert start == early[0][6]
+
+
+async def test_row_the_database_refuses_goes_to_dead_letters_and_the_rest_lands(
+    pool: db.Pool,
+) -> None:
+    good = make_rows(5)
+    # Bypasses validation on purpose: jsonb refuses \u0000.
+    poison_row = (*make_rows(1)[0][:8], b'{"event_type": "x", "bad": "\\u0000"}')
+    rows = [*good[:2], poison_row, *good[2:]]
+    flusher = flusher_for(db.PoolSink(pool))
+    flusher.buffer.put(rows, 100)
+    flusher.start()
+    await wait_for(lambda: flusher.buffer.events == 0)
+    await flusher.stop(1)
+    async with pool.acquire() as connection:
+        assert await connection.fetchval("SELECT count(*) FROM events") == 5
+        dead = await connection.fetchrow("SELECT payload, error FROM dead_letter_events")
+    assert dead is not None
+    assert dead["payload"] == '{"event_type": "x", "bad": "\\u0000"}'
+    assert "UntranslatableCharacter" in dead["error"]
+    assert flusher.buffer.counters.dead_lettered == 1
+
+
+async def test_stop_cuts_the_linger_short() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=1000, interval_s=60)
+    flusher.start()
+    flusher.buffer.put(make_rows(2), 1)
+    await asyncio.sleep(0.05)
+    assert await flusher.stop(5) == 0
+    assert len(sink.stored) == 2
