@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -38,6 +40,10 @@ def _database(settings: Settings) -> tuple[Any, str]:
     return server, dsn
 
 
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
@@ -54,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xray-ingest: {exc}", file=sys.stderr)
         return 1
     if args.command == "serve":
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
+        # previous handlers back. These turn it into a normal exit, so atexit handlers run
+        # (they stop the embedded PostgreSQL) and Ctrl-C prints no traceback.
+        signal.signal(signal.SIGINT, _exit_quietly)
+        signal.signal(signal.SIGTERM, _exit_quietly)
         uvicorn.run(
             "xray_ingest.app:create_app",
             factory=True,
