@@ -1,0 +1,211 @@
+"""How many events/s does the server commit, against raw asyncpg COPY of the same rows?
+
+Run as `python -m benchmarks.bench_ingest` (`make bench`). Prints one JSON line per scenario,
+then a table, and writes benchmarks/results/ingest.json. The ceiling is measured in the same run,
+on the same table, so the ratios hold even when absolute numbers drift on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import asyncpg
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    HttpClient,
+    ServerProcess,
+    count_events,
+    dumps,
+    fresh_database,
+    percentile,
+    postgres_server,
+    realistic_events,
+)
+from xray_ingest import db
+from xray_ingest.models import Row, decode_row
+
+CEILING_BATCH = 5_000
+
+
+@dataclass
+class Result:
+    scenario: str
+    batch_size: int
+    connections: int
+    events: int
+    requests_per_s: float
+    acked_events_per_s: float
+    committed_events_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    server_peak_rss_mib: float
+    ratio_to_ceiling: float = float("nan")
+
+
+async def truncate(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute("TRUNCATE events, traces, dead_letter_events")
+        await connection.execute("CHECKPOINT")
+    finally:
+        await connection.close()
+
+
+async def copy_ceiling(dsn: str, rows: list[Row], connections: int) -> float:
+    """Raw COPY of rows into events from this process, no HTTP: rows/s."""
+    pool = await db.create_pool(dsn, max_size=connections)
+    batches = [rows[i : i + CEILING_BATCH] for i in range(0, len(rows), CEILING_BATCH)]
+    queue: asyncio.Queue[list[Row]] = asyncio.Queue()
+    for batch in batches:
+        queue.put_nowait(batch)
+
+    async def worker() -> None:
+        async with pool.acquire() as connection:
+            while not queue.empty():
+                batch = queue.get_nowait()
+                await connection.copy_records_to_table(
+                    "events", records=batch, columns=db.COPY_COLUMNS
+                )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    await pool.close()
+    await truncate(dsn)
+    return len(rows) / elapsed
+
+
+def request_bodies(encoded: list[bytes], batch_size: int) -> list[bytes]:
+    if batch_size == 1:
+        return encoded
+    return [
+        b'{"events":[' + b",".join(encoded[i : i + batch_size]) + b"]}"
+        for i in range(0, len(encoded), batch_size)
+    ]
+
+
+async def drive(
+    dsn: str, encoded: list[bytes], batch_size: int, connections: int, query: str = ""
+) -> Result:
+    """Posts every event through a fresh server and waits until all are committed."""
+    server = ServerProcess(dsn)
+    try:
+        await server.wait_ready()
+        bodies = request_bodies(encoded, batch_size)
+        path = (b"/v1/events" if batch_size == 1 else b"/v1/events/batch") + query.encode()
+        latencies: list[float] = []
+        next_body = iter(bodies)
+
+        async def worker() -> None:
+            client = await HttpClient.connect(server.port)
+            try:
+                for body in next_body:
+                    sent = time.perf_counter()
+                    status, payload = await client.request(b"POST", path, body)
+                    latencies.append(time.perf_counter() - sent)
+                    if status not in (201, 202):
+                        raise RuntimeError(f"status {status}: {payload[:200]!r}")
+            finally:
+                client.close()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        acked = time.perf_counter() - started
+        while await count_events(dsn) < len(encoded):
+            await asyncio.sleep(0.02)
+        committed = time.perf_counter() - started
+        latencies.sort()
+        result = Result(
+            scenario=f"{'single' if batch_size == 1 else f'batch {batch_size}'}"
+            + (" durable" if query else ""),
+            batch_size=batch_size,
+            connections=connections,
+            events=len(encoded),
+            requests_per_s=round(len(bodies) / acked),
+            acked_events_per_s=round(len(encoded) / acked),
+            committed_events_per_s=round(len(encoded) / committed),
+            latency_p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
+            latency_p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+            server_peak_rss_mib=round(server.peak_rss_mib(), 1),
+        )
+    finally:
+        server.stop()
+    await truncate(dsn)
+    return result
+
+
+def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
+    print()
+    for name, value in ceilings.items():
+        print(f"raw COPY ceiling, {name}: {value:,.0f} rows/s")
+    header = (
+        f"{'scenario':<16}{'conns':>6}{'req/s':>9}{'acked ev/s':>12}{'committed ev/s':>16}"
+        f"{'x ceiling':>10}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.scenario:<16}{r.connections:>6}{r.requests_per_s:>9,.0f}"
+            f"{r.acked_events_per_s:>12,.0f}{r.committed_events_per_s:>16,.0f}"
+            f"{r.ratio_to_ceiling:>10.2f}{r.latency_p50_ms:>9.2f}{r.latency_p99_ms:>9.2f}"
+            f"{r.server_peak_rss_mib:>14.1f}"
+        )
+
+
+SCENARIOS = [(100, 8), (1000, 4), (10, 16), (1, 64)]
+SMOKE_SCENARIOS = [(100, 4), (1, 8)]
+
+
+async def run(events: int, scenarios: list[tuple[int, int]]) -> dict[str, Any]:
+    print(f"generating {events:,} events ...", file=sys.stderr)
+    payloads = realistic_events(events)
+    encoded = [dumps(event) for event in payloads]
+    rows = [decode_row(body) for body in encoded]
+    mean_size = sum(map(len, encoded)) / len(encoded)
+    with postgres_server() as server_dsn:
+        async with fresh_database(server_dsn) as dsn:
+            ceilings: dict[str, float] = {}
+            for connections in (1, 2):
+                print(f"raw COPY ceiling on {connections} connection(s) ...", file=sys.stderr)
+                ceilings[f"{connections} connection(s)"] = round(
+                    await copy_ceiling(dsn, rows, connections)
+                )
+            ceiling = max(ceilings.values())
+            results = []
+            for batch_size, connections in scenarios:
+                print(f"batch size {batch_size}, {connections} connections ...", file=sys.stderr)
+                result = await drive(dsn, encoded, batch_size, connections)
+                result.ratio_to_ceiling = round(result.committed_events_per_s / ceiling, 3)
+                print(json.dumps(asdict(result)))
+                results.append(result)
+    print_table(ceilings, results)
+    return {
+        "events": events,
+        "mean_event_bytes": round(mean_size),
+        "ceiling_rows_per_s": ceilings,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, for the tests")
+    args = parser.parse_args()
+    events = 4_000 if args.smoke else args.events
+    report = asyncio.run(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    name = "ingest-smoke.json" if args.smoke else "ingest.json"
+    (RESULTS_DIR / name).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Shared benchmark plumbing: a database to measure in, realistic events, a lean HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from xray_ingest.embedded import start_embedded_postgres
+from xray_ingest.migrate import migrate
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+RESULTS_DIR = PROJECT_DIR / "benchmarks" / "results"
+_WORDS = [
+    "price",
+    "rating",
+    "stock",
+    "relevance",
+    "brand",
+    "shipping",
+    "review",
+    "seller",
+    "color",
+    "size",
+]
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """XRAY_BENCH_DSN or DATABASE_URL when set, else a throwaway embedded PostgreSQL."""
+    dsn = os.environ.get("XRAY_BENCH_DSN") or os.environ.get("DATABASE_URL")
+    if dsn:
+        yield dsn
+        return
+    with tempfile.TemporaryDirectory(prefix="xray-bench-") as folder:
+        server, embedded_dsn = start_embedded_postgres(Path(folder) / "pgdata", throwaway=True)
+        try:
+            yield embedded_dsn
+        finally:
+            server.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
+    """A new migrated database for one benchmark run, dropped afterwards."""
+    name = f"xray_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        dsn = _with_database(server_dsn, name)
+        await migrate(dsn)
+        yield dsn
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+def realistic_event(trace_id: str, index: int, started: datetime) -> dict[str, Any]:
+    """A ~1 KB llm_call or decision event, as the SDK sends them, with a unique span_id."""
+    common = {
+        "trace_id": trace_id,
+        "span_id": str(uuid.uuid4()),
+        "timestamp": (started + timedelta(milliseconds=index * 7)).isoformat(),
+        "service": "competitor-search",
+        "duration_ms": random.randint(5, 3000),
+        "metadata": {"domain": "retail", "user_id": f"u-{random.randint(1, 500)}"},
+    }
+    if index % 2:
+        total = random.randint(50, 500)
+        kept = random.randint(0, total)
+        return {
+            **common,
+            "event_type": "decision",
+            "decision": {
+                "input_count": total,
+                "output_count": kept,
+                "kept": [{"count": kept, "reason": "matches the query"}],
+                "dropped": [
+                    {"count": (total - kept) // 2, "reason": random.choice(_WORDS)},
+                    {"count": total - kept - (total - kept) // 2, "reason": "out of stock"},
+                ],
+            },
+            "criteria": {"max_price": 50, "min_rating": 4, "ships_to": ["DE", "FR", "NL"]},
+            "reasoning": {"summary": " ".join(random.choices(_WORDS, k=60))},
+        }
+    return {
+        **common,
+        "event_type": "llm_call",
+        "reasoning": {"summary": "Picked the top 3 by relevance", "confidence": 0.85},
+        "model": {"provider": "openai", "name": "gpt-4o", "params": {"temperature": 0.2}},
+        "input": {
+            "input_tokens": random.randint(100, 2000),
+            "raw_prompt": " ".join(random.choices(_WORDS, k=70)),
+        },
+        "output": {"output_tokens": random.randint(10, 500), "finish_reason": "stop"},
+        "metrics": {"latency_ms": random.randint(100, 3000), "cost_usd": 0.0021},
+    }
+
+
+def realistic_events(count: int) -> list[dict[str, Any]]:
+    started = datetime.now(UTC) - timedelta(hours=1)
+    events: list[dict[str, Any]] = []
+    while len(events) < count:
+        trace_id = str(uuid.uuid4())
+        events += [realistic_event(trace_id, n, started) for n in range(10)]
+    return events[:count]
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """`xray-ingest serve` with default settings (as a user starts it) on a free port."""
+
+    def __init__(self, dsn: str, **env: str) -> None:
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "xray_ingest", "serve", "--port", str(self.port)],
+            env={**os.environ, "DATABASE_URL": dsn, **env},
+            cwd=PROJECT_DIR,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.output()}")
+            try:
+                client = await HttpClient.connect(self.port)
+                status, _ = await client.request(b"GET", b"/health")
+                client.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            await asyncio.sleep(0.1)
+
+    def peak_rss_mib(self) -> float:
+        """The server's peak resident memory so far (VmHWM), in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class HttpClient:
+    """A minimal HTTP/1.1 keep-alive client: the load generator must cost far less than the
+    server it measures, so it sends pre-encoded bytes and parses only the status line and
+    Content-Length."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> HttpClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(
+        self, method: bytes, path: bytes, body: bytes = b"", content_type: bytes = b""
+    ) -> tuple[int, bytes]:
+        head = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1"]
+        if body:
+            head.append(b"Content-Type: " + (content_type or b"application/json"))
+            head.append(b"Content-Length: " + str(len(body)).encode())
+        self.writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        status_line = await self.reader.readuntil(b"\r\n")
+        length = 0
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split(b" ", 2)[1]), payload
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def count_events(dsn: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        count: int = await connection.fetchval("SELECT count(*) FROM events")
+        return count
+    finally:
+        await connection.close()
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
