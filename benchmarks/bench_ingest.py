@@ -46,6 +46,7 @@ class Result:
     latency_p50_ms: float
     latency_p99_ms: float
     server_peak_rss_mib: float
+    refused_503: int
     ratio_to_ceiling: float = float("nan")
 
 
@@ -101,15 +102,24 @@ async def drive(
         bodies = request_bodies(encoded, batch_size)
         path = (b"/v1/events" if batch_size == 1 else b"/v1/events/batch") + query.encode()
         latencies: list[float] = []
+        refusals = 0
         next_body = iter(bodies)
 
         async def worker() -> None:
             client = await HttpClient.connect(server.port)
             try:
+                nonlocal refusals
                 for body in next_body:
-                    sent = time.perf_counter()
-                    status, payload = await client.request(b"POST", path, body)
-                    latencies.append(time.perf_counter() - sent)
+                    while True:
+                        sent = time.perf_counter()
+                        status, payload = await client.request(b"POST", path, body)
+                        latencies.append(time.perf_counter() - sent)
+                        if status != 503:
+                            break
+                        # Queue full: the server's backpressure. Retry soon (sooner than its
+                        # Retry-After, to keep it saturated) and count the refusal.
+                        refusals += 1
+                        await asyncio.sleep(0.01)
                     if status not in (201, 202):
                         raise RuntimeError(f"status {status}: {payload[:200]!r}")
             finally:
@@ -134,6 +144,7 @@ async def drive(
             latency_p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
             latency_p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
             server_peak_rss_mib=round(server.peak_rss_mib(), 1),
+            refused_503=refusals,
         )
     finally:
         server.stop()
@@ -147,7 +158,7 @@ def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
         print(f"raw COPY ceiling, {name}: {value:,.0f} rows/s")
     header = (
         f"{'scenario':<16}{'conns':>6}{'req/s':>9}{'acked ev/s':>12}{'committed ev/s':>16}"
-        f"{'x ceiling':>10}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}"
+        f"{'x ceiling':>10}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}{'503s':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -156,7 +167,7 @@ def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
             f"{r.scenario:<16}{r.connections:>6}{r.requests_per_s:>9,.0f}"
             f"{r.acked_events_per_s:>12,.0f}{r.committed_events_per_s:>16,.0f}"
             f"{r.ratio_to_ceiling:>10.2f}{r.latency_p50_ms:>9.2f}{r.latency_p99_ms:>9.2f}"
-            f"{r.server_peak_rss_mib:>14.1f}"
+            f"{r.server_peak_rss_mib:>14.1f}{r.refused_503:>7}"
         )
 
 
@@ -178,6 +189,7 @@ async def run(events: int, scenarios: list[tuple[int, int]]) -> dict[str, Any]:
                 ceilings[f"{connections} connection(s)"] = round(
                     await copy_ceiling(dsn, rows, connections)
                 )
+                print(f"  {ceilings[f'{connections} connection(s)']:,.0f} rows/s", file=sys.stderr)
             ceiling = max(ceilings.values())
             results = []
             for batch_size, connections in scenarios:

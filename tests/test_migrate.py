@@ -119,3 +119,11 @@ async def test_failing_migration_leaves_nothing_behind(
     finally:
         await connection.close()
     assert len(await _recorded(empty_database_dsn)) == version - 1
+
+
+async def test_server_is_a_supported_postgresql(empty_database_dsn: str) -> None:
+    connection = await asyncpg.connect(empty_database_dsn)
+    try:
+        assert int(await connection.fetchval("SHOW server_version_num")) >= 140000
+    finally:
+        await connection.close()
