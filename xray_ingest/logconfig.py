@@ -10,3 +10,5 @@ def configure_logging(level: str) -> None:
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pgserver narrates every pg_ctl call at INFO; its warnings and errors still show.
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLevelName(level)))
