@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from xray_ingest.embedded import start_embedded_postgres
+from xray_ingest.embedded import postgres_or_throwaway
 from xray_ingest.migrate import migrate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -44,19 +44,9 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server() -> contextlib.AbstractContextManager[str]:
     """XRAY_BENCH_DSN or DATABASE_URL when set, else a throwaway embedded PostgreSQL."""
-    dsn = os.environ.get("XRAY_BENCH_DSN") or os.environ.get("DATABASE_URL")
-    if dsn:
-        yield dsn
-        return
-    with tempfile.TemporaryDirectory(prefix="xray-bench-") as folder:
-        server, embedded_dsn = start_embedded_postgres(Path(folder) / "pgdata", throwaway=True)
-        try:
-            yield embedded_dsn
-        finally:
-            server.cleanup()
+    return postgres_or_throwaway(os.environ.get("XRAY_BENCH_DSN") or os.environ.get("DATABASE_URL"))
 
 
 @contextlib.asynccontextmanager

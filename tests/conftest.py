@@ -5,18 +5,17 @@ The server is XRAY_TEST_DSN or DATABASE_URL; with neither, a throwaway embedded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from xray_ingest import db
-from xray_ingest.embedded import start_embedded_postgres
+from xray_ingest.embedded import postgres_or_throwaway
 from xray_ingest.migrate import migrate
 
 
@@ -37,16 +36,9 @@ async def _admin(dsn: str, *statements: str) -> None:
 
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
-    dsn = os.environ.get("XRAY_TEST_DSN") or os.environ.get("DATABASE_URL")
-    if dsn:
+    configured = os.environ.get("XRAY_TEST_DSN") or os.environ.get("DATABASE_URL")
+    with postgres_or_throwaway(configured) as dsn:
         yield dsn
-        return
-    with tempfile.TemporaryDirectory(prefix="xray-test-") as folder:
-        server, embedded_dsn = start_embedded_postgres(Path(folder) / "pgdata", throwaway=True)
-        try:
-            yield embedded_dsn
-        finally:
-            server.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -59,26 +51,29 @@ def template_database(server_dsn: str) -> Iterator[str]:
     asyncio.run(_admin(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-@pytest.fixture
-async def database_dsn(server_dsn: str, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test, dropped afterwards."""
+@contextlib.asynccontextmanager
+async def scratch_database(server_dsn: str, template: str = "template1") -> AsyncIterator[str]:
+    """A new database cloned from template, dropped on exit; yields its DSN."""
     name = f"xray_t_{uuid.uuid4().hex[:12]}"
-    await _admin(server_dsn, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    await _admin(server_dsn, f"CREATE DATABASE {name} TEMPLATE {template}")
     try:
         yield with_database(server_dsn, name)
     finally:
         await _admin(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def database_dsn(server_dsn: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    async with scratch_database(server_dsn, template_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 async def empty_database_dsn(server_dsn: str) -> AsyncIterator[str]:
-    """A fresh database with no schema at all, dropped afterwards."""
-    name = f"xray_e_{uuid.uuid4().hex[:12]}"
-    await _admin(server_dsn, f"CREATE DATABASE {name}")
-    try:
-        yield with_database(server_dsn, name)
-    finally:
-        await _admin(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    """A fresh database with no schema at all."""
+    async with scratch_database(server_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -130,8 +131,6 @@ async def test_signal_drains_everything_queued_before_exit(
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     # Short and under /tmp: PostgreSQL's socket path must stay under ~100 bytes.
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="xray-cli-") as folder:
         yield Path(folder)
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from xray_ingest.errors import ConfigError
 
@@ -38,28 +39,21 @@ class Settings:
     log_level: str = "INFO"
 
 
-def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(environ: Mapping[str, str], name: str, default: _N, minimum: _N) -> _N:
+    """Reads variable `name` with the type of its default; unset or empty gives the default."""
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
+    kind = type(default)
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not value >= minimum:
+        noun = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {noun}, got {raw!r}") from None
+    if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name} must be >= {minimum}, got {raw}")
     return value
 
@@ -84,25 +78,21 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     settings = Settings(
         database_url=_database_url(environ),
         host=environ.get("XRAY_HOST") or defaults.host,
-        port=_integer(environ, "XRAY_PORT", defaults.port, 0),
-        workers=_integer(environ, "XRAY_WORKERS", defaults.workers, 1),
+        port=_number(environ, "XRAY_PORT", defaults.port, 0),
+        workers=_number(environ, "XRAY_WORKERS", defaults.workers, 1),
         data_dir=Path(environ.get("XRAY_DATA_DIR") or defaults.data_dir),
-        queue_max_events=_integer(environ, "XRAY_QUEUE_MAX_EVENTS", defaults.queue_max_events, 1),
-        queue_max_bytes=_integer(environ, "XRAY_QUEUE_MAX_BYTES", defaults.queue_max_bytes, 1),
-        flush_max_events=_integer(environ, "XRAY_FLUSH_MAX_EVENTS", defaults.flush_max_events, 1),
-        flush_interval_ms=_integer(
-            environ, "XRAY_FLUSH_INTERVAL_MS", defaults.flush_interval_ms, 0
-        ),
-        copy_connections=_integer(environ, "XRAY_COPY_CONNECTIONS", defaults.copy_connections, 1),
-        query_connections=_integer(
-            environ, "XRAY_QUERY_CONNECTIONS", defaults.query_connections, 1
-        ),
-        max_body_bytes=_integer(environ, "XRAY_MAX_BODY_BYTES", defaults.max_body_bytes, 1),
-        max_batch_events=_integer(environ, "XRAY_MAX_BATCH_EVENTS", defaults.max_batch_events, 1),
+        queue_max_events=_number(environ, "XRAY_QUEUE_MAX_EVENTS", defaults.queue_max_events, 1),
+        queue_max_bytes=_number(environ, "XRAY_QUEUE_MAX_BYTES", defaults.queue_max_bytes, 1),
+        flush_max_events=_number(environ, "XRAY_FLUSH_MAX_EVENTS", defaults.flush_max_events, 1),
+        flush_interval_ms=_number(environ, "XRAY_FLUSH_INTERVAL_MS", defaults.flush_interval_ms, 0),
+        copy_connections=_number(environ, "XRAY_COPY_CONNECTIONS", defaults.copy_connections, 1),
+        query_connections=_number(environ, "XRAY_QUERY_CONNECTIONS", defaults.query_connections, 1),
+        max_body_bytes=_number(environ, "XRAY_MAX_BODY_BYTES", defaults.max_body_bytes, 1),
+        max_batch_events=_number(environ, "XRAY_MAX_BATCH_EVENTS", defaults.max_batch_events, 1),
         shutdown_timeout_s=_number(
             environ, "XRAY_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, 0.0
         ),
-        retry_after_s=_integer(environ, "XRAY_RETRY_AFTER_S", defaults.retry_after_s, 0),
+        retry_after_s=_number(environ, "XRAY_RETRY_AFTER_S", defaults.retry_after_s, 0),
         log_level=log_level,
     )
     if settings.queue_max_events < settings.max_batch_events:

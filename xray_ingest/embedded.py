@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +29,18 @@ def start_embedded_postgres(pgdata: Path, *, throwaway: bool = False) -> tuple[A
     dsn: str = server.get_uri()
     logger.info("embedded PostgreSQL running with data in %s", pgdata, extra={"action": "embedded"})
     return server, dsn
+
+
+@contextlib.contextmanager
+def postgres_or_throwaway(dsn: str | None) -> Iterator[str]:
+    """Yields dsn when given; else starts a throwaway embedded PostgreSQL, deleted on exit."""
+    if dsn:
+        yield dsn
+        return
+    # Short and under the temp dir: the server's socket path must stay under ~100 bytes.
+    with tempfile.TemporaryDirectory(prefix="xray-pg-") as folder:
+        server, throwaway_dsn = start_embedded_postgres(Path(folder) / "pgdata", throwaway=True)
+        try:
+            yield throwaway_dsn
+        finally:
+            server.cleanup()
