@@ -210,3 +210,38 @@ def test_body_that_is_not_a_batch_is_invalid(body: bytes) -> None:
 def test_batch_over_the_item_limit_is_refused() -> None:
     with pytest.raises(BatchTooLargeError):
         decode_batch(dumps([samples.custom()] * 3), ndjson=False, max_items=2)
+
+
+def nested(levels: int) -> object:
+    value: object = "leaf [{ brackets in a string do not count"
+    for level in range(levels):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_beyond_it_refused() -> None:
+    # The event object itself is one level.
+    assert decode_row(dumps(samples.custom(data={"deep": nested(8)})), max_depth=10)
+    error = invalid_with_depth(samples.custom(data={"deep": nested(9)}), max_depth=10)
+    assert (error.path, error.message) == ("$", "JSON is nested deeper than 10 levels")
+
+
+def invalid_with_depth(event: object, max_depth: int) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as caught:
+        decode_row(dumps(event), max_depth=max_depth)
+    return caught.value
+
+
+def test_many_flat_brackets_are_not_mistaken_for_depth() -> None:
+    event = samples.custom(data={"items": [[1], [2], [3]] * 20})
+    assert decode_row(dumps(event), max_depth=4)
+
+
+def test_number_with_an_exponent_postgres_cannot_store_is_refused() -> None:
+    body = dumps(samples.custom())[:-1] + b',"n":1e1000000}'
+    assert "exponent" in invalid(body).message
+
+
+def test_huge_exponent_inside_a_string_is_just_text() -> None:
+    body = dumps(samples.custom(data={"s": "1e1000000"}))
+    assert bytes(decode_row(body)[8]) == body

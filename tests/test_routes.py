@@ -339,3 +339,131 @@ def test_full_queue_is_a_503_with_retry_after_and_takes_nothing() -> None:
         assert client.post("/v1/events", content=dumps(samples.custom())).status_code == 202
         assert client.post("/v1/events", content=dumps(samples.custom())).status_code == 503
         assert client.get("/health").json()["queue_events"] == 3
+
+
+# ---- issue 3: encodings, durable acks, duplicates, poison, readiness -------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "zstd"])
+def test_compressed_batch_is_accepted(client: TestClient, encoding: str) -> None:
+    import gzip
+
+    import zstandard
+
+    trace_id = str(uuid.uuid4())
+    body = dumps([samples.custom(trace_id=trace_id) for _ in range(30)])
+    compressed = (
+        gzip.compress(body) if encoding == "gzip" else zstandard.ZstdCompressor().compress(body)
+    )
+    response = client.post(
+        "/v1/events/batch", content=compressed, headers={"Content-Encoding": encoding}
+    )
+    assert response.status_code == 202
+    assert len(wait_until_stored(client, trace_id, 30)) == 30
+
+
+def test_unsupported_content_encoding_is_a_415(client: TestClient) -> None:
+    response = client.post("/v1/events", content=b"{}", headers={"Content-Encoding": "br"})
+    assert response.status_code == 415
+    assert "br" in response.json()["error"]
+
+
+async def test_durable_event_is_in_the_table_when_the_201_arrives(database_dsn: str) -> None:
+    # A long flush interval: only the durable path makes the flusher write before it.
+    settings = settings_for(database_dsn, flush_interval_ms=200)
+    with TestClient(create_app(settings)) as client:
+        for params, headers in (({"wait": "true"}, {}), ({}, {"Prefer": "wait=5"})):
+            event = samples.decision()
+            response = client.post(
+                "/v1/events", content=dumps(event), params=params, headers=headers
+            )
+            assert response.status_code == 201
+            assert response.json()["message"] == "Event committed"
+            rows = await fetch(
+                database_dsn, "SELECT 1 FROM events WHERE span_id = $1", uuid.UUID(event["span_id"])
+            )
+            assert len(rows) == 1
+
+
+async def test_durable_batch_reports_the_row_the_database_refused(database_dsn: str) -> None:
+    good = [samples.custom(), samples.custom()]
+    # Valid JSON that msgspec accepts but jsonb cannot hold: more digits than numeric allows.
+    poison = dumps(samples.custom())[:-1] + b',"n":1' + b"0" * 140_000 + b"}"
+    body = b"[" + b",".join([dumps(good[0]), poison, dumps(good[1])]) + b"]"
+    with TestClient(create_app(settings_for(database_dsn))) as client:
+        response = client.post("/v1/events/batch?wait=true", content=body)
+    assert response.status_code == 207
+    result = response.json()
+    assert result["ids"] == [good[0]["span_id"], None, good[1]["span_id"]]
+    assert [(e["index"], e["path"]) for e in result["errors"]] == [(1, "$")]
+    assert "overflow" not in result["errors"][0]["message"]  # no driver text in answers
+    assert set(await stored_payloads(database_dsn)) == {e["span_id"] for e in good}
+    dead = await fetch(database_dsn, "SELECT payload, error FROM dead_letter_events")
+    assert len(dead) == 1
+    assert dead[0]["payload"].encode() == poison
+    assert "overflows numeric" in dead[0]["error"]
+
+
+def test_durable_request_past_its_deadline_is_a_503_with_retry_after() -> None:
+    settings = settings_for(UNREACHABLE, durable_timeout_s=0.2, shutdown_timeout_s=0.1)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/events?wait=true", content=dumps(samples.custom()))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "retrying the request is safe" in response.json()["error"]
+
+
+async def test_retried_and_repeated_events_are_stored_once(database_dsn: str) -> None:
+    batch = [samples.custom(), samples.decision(), samples.llm_call()]
+    with TestClient(create_app(settings_for(database_dsn))) as client:
+        first = client.post("/v1/events/batch", json=batch)
+        wait_until_stored(client, samples.TRACE_ID, 3)
+        retry = client.post("/v1/events/batch?wait=true", json=[*batch, batch[0]])
+        single = client.post("/v1/events", content=dumps(batch[1]))
+    assert (first.status_code, retry.status_code, single.status_code) == (202, 201, 202)
+    assert set(await stored_payloads(database_dsn)) == {e["span_id"] for e in batch}
+
+
+def test_poison_events_are_per_item_errors_and_the_rest_is_stored(client: TestClient) -> None:
+    trace_id = str(uuid.uuid4())
+    good = samples.custom(trace_id=trace_id)
+    text = dumps(samples.custom(trace_id=trace_id))[:-1]
+    items = [
+        dumps(good),
+        text + rb',"s":"nul \u0000 here"}',
+        text + rb',"s":"lone \ud800 surrogate"}',
+        dumps(samples.custom(duration_ms=2**31)),
+        dumps(samples.custom(service="s" * 256)),
+        dumps(samples.custom(data={"n": nested_list(100)})),
+        text + b',"n":1e9999999}',
+    ]
+    response = client.post("/v1/events/batch", content=b"\n".join(items), headers=NDJSON)
+    assert response.status_code == 207
+    body = response.json()
+    assert body["ids"] == [good["span_id"]] + [None] * 6
+    paths = [e["path"] for e in body["errors"]]
+    assert paths == ["$", "$", "$.duration_ms", "$.service", "$", "$"]
+    assert [e["span_id"] for e in wait_until_stored(client, trace_id, 1)] == [good["span_id"]]
+
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def nested_list(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_ready_is_200_while_accepting_and_503_once_the_queue_is_full() -> None:
+    settings = settings_for(
+        UNREACHABLE, queue_max_events=2, max_batch_events=2, shutdown_timeout_s=0.1
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/ready")
+        assert (ready.status_code, ready.json()["state"]) == (200, "accepting")
+        client.post("/v1/events/batch", json=[samples.custom(), samples.custom()])
+        full = client.get("/ready")
+        assert (full.status_code, full.json()["state"]) == (503, "queue full")
+        assert full.json()["queue_events"] == 2

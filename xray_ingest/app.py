@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Mapping
+from types import FrameType
+from typing import Any
 
 import asyncpg
 from starlette.applications import Starlette
@@ -21,10 +25,12 @@ from xray_ingest.errors import (
     BadRequestError,
     BatchTooLargeError,
     BodyTooLargeError,
+    CommitTimeoutError,
     ConfigError,
     MigrationError,
     QueueFullError,
     ShuttingDownError,
+    UnsupportedEncodingError,
     XrayError,
 )
 from xray_ingest.migrate import pending_migrations
@@ -51,6 +57,10 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
 
 async def _too_large(request: Request, exc: Exception) -> Response:
     return _error(413, str(exc))
+
+
+async def _unsupported_encoding(request: Request, exc: Exception) -> Response:
+    return _error(415, str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -91,6 +101,26 @@ async def _check_schema(pool: db.Pool) -> None:
         )
 
 
+def _refuse_new_events_on_signals(buffer: Buffer) -> None:
+    """On SIGINT/SIGTERM, first close the buffer (new events get 503, /ready turns 503), then
+    hand the signal to the server's own handler, which stops listening, finishes the requests
+    in flight and runs the lifespan's shutdown: the flusher's drain."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers live in the main thread; under a test client there is none
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        server_handler = signal.getsignal(signum)
+
+        def refuse_then_stop(
+            number: int, frame: FrameType | None, server_handler: Any = server_handler
+        ) -> None:
+            buffer.closed = True
+            logger.info("signal %d: no longer accepting events", number, extra={"action": "stop"})
+            if callable(server_handler):
+                server_handler(number, frame)
+
+        signal.signal(signum, refuse_then_stop)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Builds the app; with no settings, loads them from the environment (uvicorn's factory)."""
     if settings is None:
@@ -115,6 +145,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.pool = pool
             app.state.buffer = buffer
             flusher.start()
+            _refuse_new_events_on_signals(buffer)
             logger.info("xray-ingest ready", extra={"action": "start"})
             try:
                 yield
@@ -126,6 +157,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/health", routes.health, methods=["GET"]),
+            Route("/ready", routes.ready, methods=["GET"]),
             Route("/v1/events", routes.ingest_event, methods=["POST"]),
             Route("/v1/events", routes.list_trace_events, methods=["GET"]),
             Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
@@ -135,6 +167,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             QueueFullError: _unavailable,
             ShuttingDownError: _unavailable,
+            CommitTimeoutError: _unavailable,
+            UnsupportedEncodingError: _unsupported_encoding,
             BadRequestError: _bad_request,
             BodyTooLargeError: _too_large,
             BatchTooLargeError: _too_large,

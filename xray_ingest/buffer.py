@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 5.0
+# Past this fill of either bound the server reports itself unready (it still takes what fits).
+READY_FILL = 0.9
 
 
 class Sink(Protocol):
@@ -28,12 +30,23 @@ class Sink(Protocol):
     async def store_dead_letter(self, row: Row, error: str) -> None: ...
 
 
+# Positions in a chunk's rows of the events the database refused, with the reason.
+Refusals = list[tuple[int, str]]
+
+
 @dataclass(slots=True)
 class Chunk:
-    """The rows of one request, queued together."""
+    """The rows of one request, queued together. A durable request waits on `committed`."""
 
     rows: list[Row]
     size: int
+    committed: asyncio.Future[Refusals] | None = None
+
+
+def _refusals_in(chunk: Chunk, refused: dict[int, str]) -> Refusals:
+    if not refused:
+        return []
+    return [(n, refused[id(row)]) for n, row in enumerate(chunk.rows) if id(row) in refused]
 
 
 @dataclass(slots=True)
@@ -65,8 +78,27 @@ class Buffer:
     def has_room(self, events: int = 1, size: int = 0) -> bool:
         return self.events + events <= self.max_events and self.bytes + size <= self.max_bytes
 
-    def put(self, rows: list[Row], size: int) -> None:
-        """Queues rows; raises QueueFullError or ShuttingDownError and then takes none of them."""
+    def is_ready(self) -> bool:
+        """Open and below READY_FILL of both bounds: a load balancer should send more."""
+        return (
+            not self.closed
+            and self.events < READY_FILL * self.max_events
+            and self.bytes < READY_FILL * self.max_bytes
+        )
+
+    def check_open(self) -> None:
+        """Raises ShuttingDownError or QueueFullError when no event could be taken now."""
+        if self.closed:
+            raise ShuttingDownError
+        if not self.has_room():
+            raise QueueFullError
+
+    def put(
+        self, rows: list[Row], size: int, committed: asyncio.Future[Refusals] | None = None
+    ) -> None:
+        """Queues rows; raises QueueFullError or ShuttingDownError and then takes none of them.
+
+        `committed` gets the refused rows' positions once the rows are committed."""
         if self.closed:
             raise ShuttingDownError
         if not self.has_room(len(rows), size):
@@ -74,7 +106,7 @@ class Buffer:
         self.events += len(rows)
         self.bytes += size
         self.counters.accepted += len(rows)
-        self.queue.put_nowait(Chunk(rows, size))
+        self.queue.put_nowait(Chunk(rows, size, committed))
 
     def release(self, chunk: Chunk) -> None:
         """Marks a chunk as committed (or given up), freeing its room."""
@@ -145,17 +177,22 @@ class Flusher:
         while True:
             chunks = await self._collect()
             rows = chunks[0].rows if len(chunks) == 1 else [r for c in chunks for r in c.rows]
-            await self._write(rows)
+            refused = await self._write(rows)
             for chunk in chunks:
+                if chunk.committed is not None and not chunk.committed.done():
+                    chunk.committed.set_result(_refusals_in(chunk, refused))
                 self.buffer.release(chunk)
 
-    async def _write(self, rows: list[Row]) -> None:
-        """Writes rows, retrying with capped exponential backoff and jitter until they are in."""
+    async def _write(self, rows: list[Row]) -> dict[int, str]:
+        """Writes rows, retrying with capped exponential backoff and jitter until they are in.
+
+        Returns the refused (dead-lettered) rows, keyed by id(row), with the reason."""
         attempt = 0
         while True:
             started = time.perf_counter()
+            refused: dict[int, str] = {}
             try:
-                await self._write_isolating(rows)
+                await self._write_isolating(rows, refused)
             except Exception:
                 attempt += 1
                 self.buffer.counters.flush_errors += 1
@@ -179,17 +216,18 @@ class Flusher:
                     "ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
-            return
+            return refused
 
-    async def _write_isolating(self, rows: Sequence[Row]) -> None:
+    async def _write_isolating(self, rows: Sequence[Row], refused: dict[int, str]) -> None:
         """Writes rows; when the database refuses some row, halves the batch until the refused
-        rows stand alone and moves each to the dead-letter table."""
+        rows stand alone and moves each to the dead-letter table (and into `refused`)."""
         counters = self.buffer.counters
         try:
             stored = await self.sink.copy_events(rows)
         except RejectedRowsError as exc:
             if len(rows) == 1:
                 await self.sink.store_dead_letter(rows[0], str(exc))
+                refused[id(rows[0])] = str(exc)
                 counters.dead_lettered += 1
                 logger.warning(
                     "dead-lettered one event the database refused: %s",
@@ -198,8 +236,8 @@ class Flusher:
                 )
                 return
             middle = len(rows) // 2
-            await self._write_isolating(rows[:middle])
-            await self._write_isolating(rows[middle:])
+            await self._write_isolating(rows[:middle], refused)
+            await self._write_isolating(rows[middle:], refused)
             return
         counters.committed += stored
         counters.duplicates += len(rows) - stored

@@ -34,6 +34,8 @@ class Settings:
     query_connections: int = 4
     max_body_bytes: int = 10 * MIB
     max_batch_events: int = 10_000
+    max_depth: int = 64
+    durable_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0
     retry_after_s: int = 1
     log_level: str = "INFO"
@@ -89,6 +91,10 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         query_connections=_number(environ, "XRAY_QUERY_CONNECTIONS", defaults.query_connections, 1),
         max_body_bytes=_number(environ, "XRAY_MAX_BODY_BYTES", defaults.max_body_bytes, 1),
         max_batch_events=_number(environ, "XRAY_MAX_BATCH_EVENTS", defaults.max_batch_events, 1),
+        max_depth=_number(environ, "XRAY_MAX_DEPTH", defaults.max_depth, 1),
+        durable_timeout_s=_number(
+            environ, "XRAY_DURABLE_TIMEOUT_S", defaults.durable_timeout_s, 0.0
+        ),
         shutdown_timeout_s=_number(
             environ, "XRAY_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, 0.0
         ),

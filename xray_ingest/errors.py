@@ -44,3 +44,11 @@ class BatchTooLargeError(XrayError):
 
 class RejectedRowsError(XrayError):
     """The database refused the data of a batch (some row in it cannot be stored)."""
+
+
+class UnsupportedEncodingError(XrayError):
+    """The request's Content-Encoding is not supported."""
+
+
+class CommitTimeoutError(XrayError):
+    """The events were not committed within the durable-mode deadline; retrying is safe."""

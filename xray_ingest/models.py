@@ -186,6 +186,8 @@ class ErrorBody(Struct, omit_defaults=True):
 
 
 class EventAccepted(Struct):
+    """A single event taken (202) or, in durable mode, committed (201)."""
+
     id: uuid.UUID
     trace_id: uuid.UUID
     message: str = "Event accepted"
@@ -220,6 +222,15 @@ class TracePage(Struct):
     next_cursor: str | None
 
 
+class Readiness(Struct):
+    ready: bool
+    state: str
+    queue_events: int
+    queue_bytes: int
+    queue_max_events: int
+    queue_max_bytes: int
+
+
 class Health(Struct):
     status: str
     timestamp: datetime
@@ -240,6 +251,13 @@ ENCODER: Final = msgspec.json.Encoder()
 _NUL_ESCAPE: Final = b"\\u0000"
 # An escaped NUL is a backslash-u0000 preceded by an even number of backslashes (none included).
 _REAL_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# JSON strings (escapes included) and the brackets left once they are removed.
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET: Final = re.compile(rb"[\[\]{}]")
+_OPENERS: Final = frozenset(b"[{")
+# An exponent of a million or more overflows PostgreSQL's numeric (jsonb keeps numbers exact).
+_HUGE_EXPONENT: Final = re.compile(rb"\d[eE][+-]?0*\d{7,}")
+MAX_DEPTH: Final = 64
 _MISSING_FIELD: Final = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _TAG_PATH: Final = "$.event_type"
 
@@ -319,10 +337,33 @@ def to_row(event: Event, raw: bytes | Raw) -> Row:
     )
 
 
-def decode_row(raw: bytes | Raw, check_nul: bool = True) -> Row:
-    """Decodes one event into its row; raises InvalidEvent naming the bad field."""
+def nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (1 for a flat object)."""
+    deepest = depth = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub(b"", raw)):
+        if bracket[0] in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _check_text(raw: bytes | Raw, check_nul: bool, max_depth: int) -> None:
+    """Refuses what msgspec accepts but PostgreSQL or we would not."""
     if check_nul and _REAL_NUL_ESCAPE.search(memoryview(raw)):
         raise InvalidEvent("$", "strings must not contain \\u0000 (PostgreSQL cannot store it)")
+    text = bytes(raw)
+    if _HUGE_EXPONENT.search(text) and _HUGE_EXPONENT.search(_JSON_STRING.sub(b"", text)):
+        raise InvalidEvent("$", "a number's exponent is too large for PostgreSQL to store")
+    # Cheap bound first: nesting cannot exceed the number of opening brackets.
+    if text.count(b"{") + text.count(b"[") > max_depth and nesting_depth(text) > max_depth:
+        raise InvalidEvent("$", f"JSON is nested deeper than {max_depth} levels")
+
+
+def decode_row(raw: bytes | Raw, check_nul: bool = True, max_depth: int = MAX_DEPTH) -> Row:
+    """Decodes one event into its row; raises InvalidEvent naming the bad field."""
+    _check_text(raw, check_nul, max_depth)
     return to_row(decode_event(raw), raw)
 
 
@@ -344,7 +385,9 @@ def split_batch(body: bytes, ndjson: bool) -> list[Raw] | list[bytes]:
     return decoded.events if isinstance(decoded, BatchRequest) else decoded
 
 
-def decode_batch(body: bytes, ndjson: bool, max_items: int) -> DecodedBatch:
+def decode_batch(
+    body: bytes, ndjson: bool, max_items: int, max_depth: int = MAX_DEPTH
+) -> DecodedBatch:
     """Decodes every item of a batch body, collecting a per-item error for each bad one.
 
     Raises InvalidEvent when the body is not a batch, BatchTooLargeError past max_items.
@@ -359,7 +402,7 @@ def decode_batch(body: bytes, ndjson: bool, max_items: int) -> DecodedBatch:
     size = 0
     for index, raw in enumerate(items):
         try:
-            row = decode_row(raw, check_nul)
+            row = decode_row(raw, check_nul, max_depth)
         except InvalidEvent as exc:
             errors.append(ItemError(index, exc.path, exc.message))
             ids.append(None)

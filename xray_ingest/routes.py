@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import uuid
@@ -12,17 +13,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from xray_ingest import __version__, db
-from xray_ingest.buffer import Buffer
-from xray_ingest.errors import BadRequestError, BodyTooLargeError, QueueFullError
+from xray_ingest.bodies import read_body
+from xray_ingest.buffer import Buffer, Refusals
+from xray_ingest.config import Settings
+from xray_ingest.errors import BadRequestError, CommitTimeoutError
 from xray_ingest.models import (
     ENCODER,
     BatchAccepted,
+    DecodedBatch,
     ErrorBody,
     EventAccepted,
     EventList,
     FieldError,
     Health,
     InvalidEvent,
+    ItemError,
+    Readiness,
+    Row,
     TracePage,
     TraceSummary,
     decode_batch,
@@ -33,6 +40,8 @@ NDJSON_TYPES: Final = ("application/x-ndjson", "application/ndjson", "applicatio
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
 HEALTH_TIMEOUT_S: Final = 2.0
+# Deliberately without the database's own words (they can quote the payload or the schema).
+REFUSED: Final = "the database refused this event; it was kept in dead_letter_events"
 # Keyset cursor for the first page: sorts after every stored trace.
 _FIRST_PAGE: Final = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
 
@@ -51,34 +60,59 @@ def _buffer(request: Request) -> Buffer:
     return buffer
 
 
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 def _pool(request: Request) -> db.Pool:
     pool: db.Pool = request.app.state.pool
     return pool
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Reads the body, refusing it (BodyTooLargeError) as soon as it passes limit bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError(f"request body is larger than {limit} bytes")
-    parts: list[bytes] = []
-    received = 0
-    async for part in request.stream():
-        received += len(part)
-        if received > limit:
-            raise BodyTooLargeError(f"request body is larger than {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
-
-
 async def _read_ingest_body(request: Request) -> bytes:
-    # Refuse before reading or decoding anything when there is no room at all.
-    if not _buffer(request).has_room():
-        raise QueueFullError
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    # Refuse before reading or decoding anything when no event could be taken.
+    _buffer(request).check_open()
+    body = await read_body(
+        request.stream(),
+        request.headers.get("content-encoding", ""),
+        request.headers.get("content-length"),
+        _settings(request).max_body_bytes,
+    )
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON event")
     return body
+
+
+def _durable_deadline(request: Request) -> float | None:
+    """Seconds to wait for the commit when the client asked for it (`?wait=true`, or a
+    `Prefer: wait` / `Prefer: wait=N` header), else None."""
+    deadline = _settings(request).durable_timeout_s
+    if request.query_params.get("wait", "").lower() in ("true", "1", "yes"):
+        return deadline
+    for preference in request.headers.get("prefer", "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            return min(deadline, float(value)) if value.isdigit() else deadline
+    return None
+
+
+async def _enqueue(request: Request, rows: list[Row], size: int) -> Refusals | None:
+    """Queues rows; in durable mode waits for their commit and returns the refused ones."""
+    deadline = _durable_deadline(request)
+    if deadline is None:
+        _buffer(request).put(rows, size)
+        return None
+    committed: asyncio.Future[Refusals] = asyncio.get_running_loop().create_future()
+    _buffer(request).put(rows, size, committed)
+    try:
+        return await asyncio.wait_for(asyncio.shield(committed), deadline)
+    except TimeoutError:
+        raise CommitTimeoutError(
+            f"the events were not committed within {deadline:g}s; they stay queued, and "
+            "retrying the request is safe (stored events are not stored twice)"
+        ) from None
 
 
 def _invalid(message: str, errors: list[FieldError]) -> MsgspecResponse:
@@ -89,22 +123,28 @@ async def ingest_event(request: Request) -> Response:
     """POST /v1/events: one event object."""
     body = await _read_ingest_body(request)
     try:
-        row = decode_row(body)
+        row = decode_row(body, max_depth=_settings(request).max_depth)
     except InvalidEvent as exc:
-        return _invalid(
-            f"invalid event: {exc.message} at {exc.path}", [FieldError(exc.path, exc.message)]
-        )
-    _buffer(request).put([row], len(body))
-    return MsgspecResponse(EventAccepted(id=row[3], trace_id=row[2]), status_code=202)
+        message = f"invalid event: {exc.message} at {exc.path}"
+        return _invalid(message, [FieldError(exc.path, exc.message)])
+    refused = await _enqueue(request, [row], len(body))
+    if refused:
+        return _invalid(REFUSED, [FieldError("$", REFUSED)])
+    accepted = EventAccepted(id=row[3], trace_id=row[2])
+    if refused is None:
+        return MsgspecResponse(accepted, status_code=202)
+    accepted.message = "Event committed"
+    return MsgspecResponse(accepted, status_code=201)
 
 
 async def ingest_batch(request: Request) -> Response:
     """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
     body = await _read_ingest_body(request)
+    settings = _settings(request)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     try:
         batch = decode_batch(
-            body, content_type in NDJSON_TYPES, request.app.state.settings.max_batch_events
+            body, content_type in NDJSON_TYPES, settings.max_batch_events, settings.max_depth
         )
     except InvalidEvent as exc:
         return _invalid(
@@ -114,18 +154,30 @@ async def ingest_batch(request: Request) -> Response:
         )
     if not batch.ids:
         return _invalid("batch is empty", [FieldError("$.events", "no events in the batch")])
-    if batch.rows:
-        _buffer(request).put(batch.rows, batch.size)
-    accepted = len(batch.rows)
+    refused = await _enqueue(request, batch.rows, batch.size) if batch.rows else None
+    if refused:
+        _mark_refused(batch, refused)
+    accepted = len(batch.ids) - len(batch.errors)
+    verb = "accepted" if refused is None else "committed"
     if not batch.errors:
-        status, message = 202, f"{accepted} events accepted"
+        status, message = (202 if refused is None else 201), f"{accepted} events {verb}"
     elif accepted:
-        status, message = 207, f"{accepted} events accepted, {len(batch.errors)} rejected"
+        status, message = 207, f"{accepted} events {verb}, {len(batch.errors)} rejected"
     else:
         status, message = 400, f"all {len(batch.errors)} events rejected"
     return MsgspecResponse(
         BatchAccepted(accepted, accepted, batch.ids, batch.errors, message), status_code=status
     )
+
+
+def _mark_refused(batch: DecodedBatch, refused: Refusals) -> None:
+    """Turns rows the database refused (now in dead_letter_events) into per-item errors."""
+    positions = [index for index, span_id in enumerate(batch.ids) if span_id is not None]
+    for row_index, _reason in refused:
+        index = positions[row_index]
+        batch.ids[index] = None
+        batch.errors.append(ItemError(index, "$", REFUSED))
+    batch.errors.sort(key=lambda error: error.index)
 
 
 def _uuid_param(value: str | None, name: str) -> uuid.UUID:
@@ -222,3 +274,20 @@ async def health(request: Request) -> Response:
             version=__version__,
         )
     )
+
+
+async def ready(request: Request) -> Response:
+    """GET /ready: 200 while new events are being accepted, else 503 (queue 90% full, or
+    shutting down). A database outage alone does not make it unready: events queue meanwhile."""
+    buffer = _buffer(request)
+    accepting = buffer.is_ready()
+    state = "accepting" if accepting else ("shutting down" if buffer.closed else "queue full")
+    readiness = Readiness(
+        ready=accepting,
+        state=state,
+        queue_events=buffer.events,
+        queue_bytes=buffer.bytes,
+        queue_max_events=buffer.max_events,
+        queue_max_bytes=buffer.max_bytes,
+    )
+    return MsgspecResponse(readiness, status_code=200 if accepting else 503)

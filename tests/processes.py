@@ -1,0 +1,153 @@
+"""Helpers for tests that run the server as a real process and talk HTTP to it."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests import samples
+from tests.samples import dumps
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+ENV_TO_DROP = ("DATABASE_URL", "XRAY_TEST_DSN", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def request(
+    port: int, path: str, body: bytes | None = None, timeout_s: float = 10
+) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Server:
+    """`python -m xray_ingest serve` on a free port, in its own process group, logging to a
+    file (a pipe could fill up and block it)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path = PROJECT_DIR) -> None:
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in output())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "xray_ingest", "serve", "--port", str(self.port)],
+            env=env,
+            cwd=cwd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, self.output()
+            try:
+                if request(self.port, "/health", timeout_s=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, group: bool = False) -> str:
+        if group:
+            os.killpg(self.process.pid, sig)
+        else:
+            self.process.send_signal(sig)
+        output = self.output(timeout_s=60)
+        assert self.process.returncode == 0, output
+        return output
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident memory so far (VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+    def output(self, timeout_s: float = 0) -> str:
+        """Waits up to timeout_s for the process to exit (then kills it) and returns its log."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.log.closed:
+            return ""
+        self.log.seek(0)
+        text = self.log.read().decode(errors="replace")
+        self.log.close()
+        return text
+
+
+class Loader:
+    """Threads that post batches of `size` events until stopped, recording which span_ids
+    were acknowledged (202, or 201 when durable) and every other answer."""
+
+    def __init__(self, port: int, threads: int = 4, size: int = 20, durable: bool = False):
+        self.port = port
+        self.size = size
+        self.path = "/v1/events/batch" + ("?wait=true" if durable else "")
+        self.acked: list[str] = []
+        self.statuses: collections.Counter[int | str] = collections.Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            events = [samples.custom() for _ in range(self.size)]
+            try:
+                status, body = request(self.port, self.path, dumps(events), timeout_s=30)
+            except OSError as error:  # refused or reset: the server is going away
+                self.statuses[type(error).__name__] += 1
+                time.sleep(0.01)
+                continue
+            self.statuses[status] += 1
+            if status in (201, 202):
+                self.acked += body["ids"]
+            elif status == 503:
+                time.sleep(0.01)
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return set(self.acked)
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_TO_DROP}
+    env.update(extra)
+    return env
+
+
+def post_batches(port: int, trace_id: str, batches: int, size: int) -> set[str]:
+    sent: set[str] = set()
+    for _ in range(batches):
+        events = [samples.custom(trace_id=trace_id) for _ in range(size)]
+        status, body = request(port, "/v1/events/batch", dumps(events))
+        assert status == 202, body
+        sent |= set(body["ids"])
+    return sent

@@ -1,0 +1,111 @@
+"""Reads request bodies: the size limit, checked while reading and again after decompression
+(gzip and zstd), so neither a huge body nor a decompression bomb can exhaust memory."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+import zstandard
+
+from xray_ingest.errors import BadRequestError, BodyTooLargeError, UnsupportedEncodingError
+
+SUPPORTED_ENCODINGS: Final = ("identity", "gzip", "x-gzip", "zstd")
+# gzip framing (RFC 1952) for zlib: window bits 16 + 15.
+_GZIP_WBITS: Final = 31
+
+
+class _Decompressor(Protocol):
+    def feed(self, data: bytes, room: int) -> bytes:
+        """Takes the next compressed part; returns at most room + 1 bytes of output."""
+
+    def finish(self, room: int) -> bytes:
+        """Returns the rest of the output (at most room + 1 bytes); raises if truncated."""
+
+
+class _Gzip:
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        # max_length caps this call's output, so a bomb stops at room + 1 bytes; any input
+        # left unconsumed then means the body is too large anyway.
+        return self._inflater.decompress(data, room + 1)
+
+    def finish(self, room: int) -> bytes:
+        if not self._inflater.eof:
+            raise BadRequestError("the gzip body is truncated")
+        if self._inflater.unused_data:
+            raise BadRequestError("the gzip body has data after its end (several members?)")
+        return b""
+
+
+class _Zstd:
+    """zstd's streaming decompressor has no output cap per call (a few bytes can expand to
+    megabytes), so the compressed body, already bounded by the limit, is kept whole and read
+    through a reader that stops at room + 1 bytes. A truncated frame yields a short output,
+    which then fails JSON decoding."""
+
+    def __init__(self) -> None:
+        self._compressed: list[bytes] = []
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        self._compressed.append(data)
+        return b""
+
+    def finish(self, room: int) -> bytes:
+        source = io.BytesIO(b"".join(self._compressed))
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+        with reader:
+            return reader.read(room + 1)
+
+
+def _decompressor(encoding: str) -> _Decompressor | None:
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return _Gzip()
+    if encoding == "zstd":
+        return _Zstd()
+    raise UnsupportedEncodingError(
+        f"Content-Encoding {encoding!r} is not supported; use one of "
+        + ", ".join(SUPPORTED_ENCODINGS)
+    )
+
+
+async def read_body(
+    parts: AsyncIterator[bytes], encoding: str, declared_length: str | None, limit: int
+) -> bytes:
+    """Reads and decodes a body of at most limit bytes, before and after decompression.
+
+    Raises BodyTooLargeError past the limit, UnsupportedEncodingError for an unknown
+    Content-Encoding and BadRequestError for a corrupt compressed body.
+    """
+    too_large = BodyTooLargeError(f"request body is larger than {limit} bytes")
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        raise too_large
+    decompressor = _decompressor(encoding.strip().lower())
+    chunks: list[bytes] = []
+    received = produced = 0
+    try:
+        async for part in parts:
+            received += len(part)
+            if received > limit:
+                raise too_large
+            if decompressor is not None:
+                part = decompressor.feed(part, limit - produced)
+            produced += len(part)
+            if produced > limit:
+                raise too_large
+            chunks.append(part)
+        if decompressor is not None:
+            rest = decompressor.finish(limit - produced)
+            produced += len(rest)
+            if produced > limit:
+                raise too_large
+            chunks.append(rest)
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise BadRequestError(f"the {encoding} body is corrupt: {exc}") from None
+    return b"".join(chunks)
