@@ -26,8 +26,9 @@ run: $(INSTALLED)  ## serve on 127.0.0.1:8000 (no DATABASE_URL: embedded Postgre
 test: $(INSTALLED)  ## run the tests (XRAY_TEST_DSN/DATABASE_URL, else a throwaway PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(INSTALLED)  ## measure ingest throughput against the raw COPY ceiling
+bench: $(INSTALLED)  ## ingest throughput vs. the raw COPY ceiling; what deduplication costs
 	$(BIN)/python -m benchmarks.bench_ingest $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_dedupe
 
 bench-smoke: $(INSTALLED)  ## a few seconds of the ingest benchmark
 	$(BIN)/python -m benchmarks.bench_ingest --smoke

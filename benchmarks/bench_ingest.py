@@ -171,11 +171,24 @@ def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
         )
 
 
-SCENARIOS = [(100, 8), (1000, 4), (10, 16), (1, 64)]
-SMOKE_SCENARIOS = [(100, 4), (1, 8)]
+@dataclass(frozen=True)
+class Scenario:
+    batch_size: int
+    connections: int
+    durable: bool = False
 
 
-async def run(events: int, scenarios: list[tuple[int, int]]) -> dict[str, Any]:
+SCENARIOS = [
+    Scenario(100, 8),
+    Scenario(1000, 4),
+    Scenario(10, 16),
+    Scenario(1, 64),
+    Scenario(100, 8, durable=True),
+]
+SMOKE_SCENARIOS = [Scenario(100, 4), Scenario(1, 8), Scenario(100, 4, durable=True)]
+
+
+async def run(events: int, scenarios: list[Scenario]) -> dict[str, Any]:
     print(f"generating {events:,} events ...", file=sys.stderr)
     payloads = realistic_events(events)
     encoded = [dumps(event) for event in payloads]
@@ -192,9 +205,15 @@ async def run(events: int, scenarios: list[tuple[int, int]]) -> dict[str, Any]:
                 print(f"  {ceilings[f'{connections} connection(s)']:,.0f} rows/s", file=sys.stderr)
             ceiling = max(ceilings.values())
             results = []
-            for batch_size, connections in scenarios:
-                print(f"batch size {batch_size}, {connections} connections ...", file=sys.stderr)
-                result = await drive(dsn, encoded, batch_size, connections)
+            for scenario in scenarios:
+                print(f"{scenario} ...", file=sys.stderr)
+                result = await drive(
+                    dsn,
+                    encoded,
+                    scenario.batch_size,
+                    scenario.connections,
+                    "?wait=true" if scenario.durable else "",
+                )
                 result.ratio_to_ceiling = round(result.committed_events_per_s / ceiling, 3)
                 print(json.dumps(asdict(result)))
                 results.append(result)

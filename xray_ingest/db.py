@@ -105,18 +105,19 @@ async def _store(connection: Connection, rows: Sequence[Row], skip_stored: bool)
     return stored
 
 
-async def copy_events(pool: Pool, rows: Sequence[Row]) -> int:
+async def copy_events(pool: Pool, rows: Sequence[Row], *, skip_stored: bool = False) -> int:
     """Stores rows in one transaction and returns how many were new.
 
     The fast path COPYs straight into events; only when that hits a stored (trace_id, span_id,
-    timestamp) does it go through a staging table that skips the repeats. Raises
+    timestamp), or with skip_stored, does it go through a staging table that skips the
+    repeats. Raises
     RejectedRowsError when the database refuses the data itself (so some row is poison);
     connection and server errors propagate unchanged, to be retried.
     """
     async with pool.acquire() as connection:
         try:
             try:
-                return await _store(connection, rows, skip_stored=False)
+                return await _store(connection, rows, skip_stored)
             except asyncpg.UniqueViolationError:
                 return await _store(connection, rows, skip_stored=True)
         except asyncpg.PostgresError as exc:
