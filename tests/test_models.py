@@ -237,11 +237,6 @@ def test_many_flat_brackets_are_not_mistaken_for_depth() -> None:
     assert decode_row(dumps(event), max_depth=4)
 
 
-def test_number_with_an_exponent_postgres_cannot_store_is_refused() -> None:
-    body = dumps(samples.custom())[:-1] + b',"n":1e1000000}'
-    assert "exponent" in invalid(body).message
-
-
-def test_huge_exponent_inside_a_string_is_just_text() -> None:
+def test_text_that_looks_like_a_huge_number_is_just_text() -> None:
     body = dumps(samples.custom(data={"s": "1e1000000"}))
     assert bytes(decode_row(body)[8]) == body
