@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             loop="uvloop",
             http="httptools",
             access_log=False,
+            # No proxy in front by default; forwarded headers would cost every request.
+            proxy_headers=False,
             log_level=settings.log_level.lower(),
         )
     return 0

@@ -37,7 +37,7 @@ Row: TypeAlias = tuple[
 ]
 
 
-class Envelope(Struct, kw_only=True):
+class Envelope(Struct, kw_only=True, gc=False):
     """The fields every event carries; unknown fields are ignored here and kept in the payload."""
 
     trace_id: uuid.UUID
@@ -300,12 +300,17 @@ def decode_event(raw: bytes | Raw) -> Event:
         raise InvalidEvent(*_split_error(exc)) from None
 
 
+# Each known Struct's tag, read once: __struct_config__ builds a new object on every access.
+_TAGS: Final[dict[type, str]] = {
+    kind: str(kind.__struct_config__.tag)
+    for kind in (LlmCallEvent, DecisionEvent, HttpRequestEvent)
+}
+
+
 def _event_type(event: Event) -> str:
     if isinstance(event, CustomEvent):
         return event.event_type
-    tag = type(event).__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag
+    return _TAGS[type(event)]
 
 
 def to_row(event: Event, raw: bytes | Raw) -> Row:
