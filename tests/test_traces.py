@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from xray_ingest import db
-from xray_ingest.models import Row
+from xray_ingest.models import Row, TraceFilters
 from xray_ingest.sql import QUERIES
 
 TRACES = 2_000
@@ -48,7 +48,7 @@ async def planned(pool: db.Pool, query: str, *args: object) -> list[tuple[str, s
         explained = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {QUERIES[query]}", *args)
     return [
         (node["Node Type"], node.get("Relation Name", ""), node.get("Index Name", ""))
-        for node in plan_nodes(json.loads(explained)[0]["Plan"])
+        for node in plan_nodes(json.loads(bytes(explained))[0]["Plan"])
     ]
 
 
@@ -70,7 +70,8 @@ async def test_event_by_span_id_uses_its_index(seeded_pool: db.Pool) -> None:
 
 async def test_traces_page_walks_the_start_time_index(seeded_pool: db.Pool) -> None:
     first_page = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1), 50)
-    nodes = await planned(seeded_pool, "fetch_traces_page", *first_page)
+    no_filters: tuple[object, ...] = (None, None, None, None, [], [], None, None)
+    nodes = await planned(seeded_pool, "fetch_traces_page", *first_page, *no_filters)
     assert_no_scan_of_events(nodes)
     assert ("Seq Scan", "traces", "") not in nodes, nodes
     indexes = {index for _, _, index in nodes}
@@ -79,7 +80,7 @@ async def test_traces_page_walks_the_start_time_index(seeded_pool: db.Pool) -> N
 
 async def test_traces_page_counts_match_the_seeded_rows(seeded_pool: db.Pool) -> None:
     after = BASE_TIME + timedelta(minutes=TRACES - 3)
-    records = await db.fetch_traces_page(seeded_pool, after, uuid.UUID(int=0), 5)
+    records = await db.fetch_traces_page(seeded_pool, after, uuid.UUID(int=0), 5, TraceFilters())
     assert [r["start_time"] for r in records] == [
         BASE_TIME + timedelta(minutes=m) for m in range(TRACES - 4, TRACES - 9, -1)
     ]

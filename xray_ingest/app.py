@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from xray_ingest import db, routes
+from xray_ingest import analytics, db, routes
 from xray_ingest.buffer import Buffer, Flusher
 from xray_ingest.config import Settings, load_settings
 from xray_ingest.errors import (
@@ -163,6 +163,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
             Route("/v1/events/{span_id}", routes.get_event, methods=["GET"]),
             Route("/v1/traces", routes.list_traces, methods=["GET"]),
+            Route("/v1/traces/{trace_id}", routes.get_trace, methods=["GET"]),
+            Route("/v1/analytics/high-drop-traces", analytics.high_drop_traces, methods=["GET"]),
+            Route("/v1/analytics/drop-reasons", analytics.drop_reasons, methods=["GET"]),
+            Route("/v1/analytics/funnel-stats", analytics.funnel_stats, methods=["GET"]),
+            Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
         ],
         exception_handlers={
             QueueFullError: _unavailable,

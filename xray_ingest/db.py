@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Final, TypeAlias
 
 import asyncpg
@@ -13,7 +14,7 @@ from asyncpg.pool import PoolConnectionProxy
 from msgspec import Raw
 
 from xray_ingest.errors import RejectedRowsError
-from xray_ingest.models import Row
+from xray_ingest.models import AnalyticsWindow, Row, TraceFilters
 from xray_ingest.sql import QUERIES
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def _decode_jsonb(data: bytes) -> Raw:
 
 
 async def init_connection(connection: Connection) -> None:
-    """Makes jsonb travel as raw JSON bytes both ways: no decode and re-encode in Python."""
+    """Makes jsonb and json travel as raw JSON bytes both ways: no decode and re-encode in
+    Python (json's binary wire format is its text; jsonb's adds a version byte)."""
     await connection.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -57,12 +59,22 @@ async def init_connection(connection: Connection) -> None:
         decoder=_decode_jsonb,
         format="binary",
     )
+    await connection.set_type_codec(
+        "json", schema="pg_catalog", encoder=bytes, decoder=Raw, format="binary"
+    )
 
 
 async def create_pool(dsn: str, max_size: int) -> Pool:
     """Opens a pool that connects lazily, so the server starts (degraded) while the database is
     away and reconnects by itself when it is back."""
-    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size, init=init_connection)
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        init=init_connection,
+        # Times that the database itself renders (inside JSON documents) come out in UTC.
+        server_settings={"timezone": "UTC"},
+    )
     assert pool is not None
     return pool
 
@@ -72,15 +84,20 @@ def _is_rejection(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _REJECTION_CLASSES
 
 
-def _trace_starts(rows: Sequence[Row]) -> tuple[list[uuid.UUID], list[datetime]]:
-    starts: dict[uuid.UUID, datetime] = {}
+def _trace_spans(
+    rows: Sequence[Row],
+) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
+    """Each trace's earliest timestamp and latest timestamp + duration in rows, by trace_id."""
+    spans: dict[uuid.UUID, tuple[datetime, datetime]] = {}
     for row in rows:
-        trace_id, timestamp = row[2], row[6]
-        known = starts.get(trace_id)
-        if known is None or timestamp < known:
-            starts[trace_id] = timestamp
-    trace_ids = sorted(starts)
-    return trace_ids, [starts[trace_id] for trace_id in trace_ids]
+        trace_id, start, duration = row[2], row[6], row[7]
+        end = start + timedelta(milliseconds=duration) if duration else start
+        known = spans.get(trace_id)
+        if known is not None:
+            start, end = min(start, known[0]), max(end, known[1])
+        spans[trace_id] = (start, end)
+    trace_ids = sorted(spans)
+    return trace_ids, [spans[t][0] for t in trace_ids], [spans[t][1] for t in trace_ids]
 
 
 async def _copy_new_events(connection: Connection, rows: Sequence[Row]) -> None:
@@ -101,7 +118,7 @@ async def _store(connection: Connection, rows: Sequence[Row], skip_stored: bool)
         else:
             await _copy_new_events(connection, rows)
             stored = len(rows)
-        await connection.execute(QUERIES["upsert_trace_starts"], *_trace_starts(rows))
+        await connection.execute(QUERIES["upsert_traces"], *_trace_spans(rows))
     return stored
 
 
@@ -156,10 +173,10 @@ async def ping(pool: Pool, timeout_s: float) -> datetime | None:
         return None
 
 
-async def fetch_trace_events(pool: Pool, trace_id: uuid.UUID) -> list[Raw]:
+async def fetch_trace_events(pool: Pool, trace_id: uuid.UUID) -> list[asyncpg.Record]:
+    """The trace's (span_id, parent_span_id, data) in time order; empty for an unknown trace."""
     async with pool.acquire() as connection:
-        records = await connection.fetch(QUERIES["fetch_trace_events"], trace_id)
-    return [record[0] for record in records]
+        return await connection.fetch(QUERIES["fetch_trace_events"], trace_id)
 
 
 async def fetch_event(pool: Pool, span_id: uuid.UUID) -> Raw | None:
@@ -168,10 +185,88 @@ async def fetch_event(pool: Pool, span_id: uuid.UUID) -> Raw | None:
         return data
 
 
-async def fetch_traces_page(
-    pool: Pool, after_start_time: datetime, after_trace_id: uuid.UUID, page_size: int
-) -> list[asyncpg.Record]:
-    """Returns up to page_size trace summaries that sort after the cursor, newest first."""
-    args: tuple[Any, ...] = (after_start_time, after_trace_id, page_size)
+async def fetch_trace_summary(pool: Pool, trace_id: uuid.UUID) -> asyncpg.Record | None:
     async with pool.acquire() as connection:
-        return await connection.fetch(QUERIES["fetch_traces_page"], *args)
+        return await connection.fetchrow(QUERIES["fetch_trace_summary"], trace_id)
+
+
+async def fetch_traces_page(
+    pool: Pool,
+    after_start_time: datetime,
+    after_trace_id: uuid.UUID,
+    page_size: int,
+    filters: TraceFilters,
+) -> list[asyncpg.Record]:
+    """Returns up to page_size trace summaries that sort after the cursor and pass the
+    filters, newest first."""
+    async with pool.acquire() as connection:
+        return await connection.fetch(
+            QUERIES["fetch_traces_page"],
+            after_start_time,
+            after_trace_id,
+            page_size,
+            filters.service,
+            filters.event_type,
+            filters.since,
+            filters.until,
+            filters.metadata_keys,
+            filters.metadata_values,
+            filters.min_duration_ms,
+            filters.has_error,
+        )
+
+
+async def _fetch_document(pool: Pool, query: str, *args: Any) -> Raw | None:
+    """Runs query text that renders its whole answer as one JSON document."""
+    async with pool.acquire() as connection:
+        document: Raw | None = await connection.fetchval(query, *args)
+        return document
+
+
+async def fetch_high_drop_decisions(
+    pool: Pool, threshold: float, window: AnalyticsWindow, limit: int
+) -> Raw:
+    document = await _fetch_document(
+        pool,
+        QUERIES["fetch_high_drop_decisions"],
+        Decimal(str(threshold)),
+        window.service,
+        window.since,
+        window.until,
+        window.metadata_keys,
+        window.metadata_values,
+        limit,
+    )
+    assert document is not None
+    return document
+
+
+async def fetch_drop_reasons(
+    pool: Pool, window: AnalyticsWindow, trace_id: uuid.UUID | None, limit: int
+) -> Raw:
+    document = await _fetch_document(
+        pool,
+        QUERIES["fetch_drop_reasons"],
+        window.service,
+        trace_id,
+        window.since,
+        window.until,
+        window.metadata_keys,
+        window.metadata_values,
+        limit,
+    )
+    assert document is not None
+    return document
+
+
+async def fetch_funnel(pool: Pool, trace_id: uuid.UUID) -> Raw | None:
+    """The trace's decision funnel, or None when it has no decision events."""
+    return await _fetch_document(pool, QUERIES["fetch_funnel"], trace_id)
+
+
+async def fetch_metadata_values(pool: Pool, field: str, event_type: str | None, limit: int) -> Raw:
+    document = await _fetch_document(
+        pool, QUERIES["fetch_metadata_values"], field, event_type, limit
+    )
+    assert document is not None
+    return document

@@ -217,6 +217,40 @@ class TraceSummary(Struct):
     event_types: Raw
 
 
+class TraceFilters(Struct, kw_only=True):
+    """GET /v1/traces filters; None (or empty lists) means no filter."""
+
+    service: str | None = None
+    event_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    metadata_keys: list[str] = []
+    metadata_values: list[str] = []
+    min_duration_ms: float | None = None
+    has_error: bool | None = None
+
+
+class AnalyticsWindow(Struct, kw_only=True):
+    """Which decision events the analytics endpoints look at; None means any."""
+
+    service: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    metadata_keys: list[str] = []
+    metadata_values: list[str] = []
+
+
+class TraceDetail(Struct):
+    trace_id: uuid.UUID
+    start_time: datetime
+    end_time: datetime
+    duration_ms: int
+    event_count: int
+    services: list[str]
+    event_types: Raw
+    tree: list[dict[str, Any]]
+
+
 class TracePage(Struct):
     traces: list[TraceSummary]
     next_cursor: str | None

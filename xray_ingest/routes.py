@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from asyncpg import Record
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -30,11 +28,14 @@ from xray_ingest.models import (
     ItemError,
     Readiness,
     Row,
+    TraceDetail,
     TracePage,
     TraceSummary,
     decode_batch,
     decode_row,
 )
+from xray_ingest.params import decode_cursor, encode_cursor, int_param, trace_filters, uuid_param
+from xray_ingest.tree import build_forest
 
 NDJSON_TYPES: Final = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 DEFAULT_PAGE_SIZE: Final = 50
@@ -42,8 +43,6 @@ MAX_PAGE_SIZE: Final = 1000
 HEALTH_TIMEOUT_S: Final = 2.0
 # Deliberately without the database's own words (they can quote the payload or the schema).
 REFUSED: Final = "the database refused this event; it was kept in dead_letter_events"
-# Keyset cursor for the first page: sorts after every stored trace.
-_FIRST_PAGE: Final = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
 
 
 class MsgspecResponse(Response):
@@ -53,6 +52,15 @@ class MsgspecResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return ENCODER.encode(content)
+
+
+class RawJsonResponse(Response):
+    """A JSON document the database rendered, passed through as it is."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return bytes(content)
 
 
 def _buffer(request: Request) -> Buffer:
@@ -65,7 +73,7 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _pool(request: Request) -> db.Pool:
+def pool_of(request: Request) -> db.Pool:
     pool: db.Pool = request.app.state.pool
     return pool
 
@@ -185,74 +193,40 @@ def _mark_refused(batch: DecodedBatch, refused: Refusals) -> None:
     batch.errors.sort(key=lambda error: error.index)
 
 
-def _uuid_param(value: str | None, name: str) -> uuid.UUID:
-    if not value:
-        raise BadRequestError(f"{name} is required", path=name)
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise BadRequestError(f"{name} must be a UUID, got {value!r}", path=name) from None
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    value = request.query_params.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequestError(f"{name} must be an integer, got {value!r}", path=name) from None
-    if not low <= number <= high:
-        raise BadRequestError(f"{name} must be between {low} and {high}", path=name)
-    return number
-
-
-def encode_cursor(start_time: datetime, trace_id: uuid.UUID) -> str:
-    text = f"{start_time.isoformat()}|{trace_id}"
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Reverses encode_cursor; raises BadRequestError naming `cursor` for anything else."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        start_text, trace_text = text.split("|")
-        start_time = datetime.fromisoformat(start_text)
-        if start_time.tzinfo is None:
-            raise ValueError("naive time")
-        return start_time, uuid.UUID(trace_text)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequestError("cursor is not one this server issued", path="cursor") from None
-
-
 async def list_trace_events(request: Request) -> Response:
     """GET /v1/events?trace_id=: the trace's events in time order."""
-    trace_id = _uuid_param(request.query_params.get("trace_id"), "trace_id")
-    events = await db.fetch_trace_events(_pool(request), trace_id)
-    return MsgspecResponse(EventList(trace_id, len(events), events))
+    trace_id = uuid_param(request.query_params.get("trace_id"), "trace_id")
+    records = await db.fetch_trace_events(pool_of(request), trace_id)
+    return MsgspecResponse(EventList(trace_id, len(records), [r["data"] for r in records]))
 
 
 async def get_event(request: Request) -> Response:
     """GET /v1/events/{span_id}: one stored event."""
-    span_id = _uuid_param(request.path_params["span_id"], "span_id")
-    event = await db.fetch_event(_pool(request), span_id)
+    span_id = uuid_param(request.path_params["span_id"], "span_id")
+    event = await db.fetch_event(pool_of(request), span_id)
     if event is None:
         return MsgspecResponse(ErrorBody(f"no event with span_id {span_id}"), status_code=404)
     return MsgspecResponse(event)
 
 
+def _duration_ms(record: Record) -> int:
+    span: timedelta = record["end_time"] - record["start_time"]
+    return round(span.total_seconds() * 1000)
+
+
 async def list_traces(request: Request) -> Response:
-    """GET /v1/traces: traces newest first, paged by an opaque keyset cursor."""
-    page_size = _int_param(request, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
-    cursor = request.query_params.get("cursor")
-    after = decode_cursor(cursor) if cursor else _FIRST_PAGE
-    records = await db.fetch_traces_page(_pool(request), *after, page_size)
+    """GET /v1/traces: traces newest first, filtered, paged by an opaque keyset cursor."""
+    params = request.query_params
+    page_size = int_param(params, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+    after = decode_cursor(params.get("cursor"))
+    filters = trace_filters(params)
+    records = await db.fetch_traces_page(pool_of(request), *after, page_size, filters)
     traces = [
         TraceSummary(
             trace_id=record["trace_id"],
             start_time=record["start_time"],
             end_time=record["end_time"],
-            duration_ms=round((record["end_time"] - record["start_time"]).total_seconds() * 1000),
+            duration_ms=_duration_ms(record),
             event_count=record["event_count"],
             services=record["services"],
             event_types=record["event_types"],
@@ -265,9 +239,31 @@ async def list_traces(request: Request) -> Response:
     return MsgspecResponse(TracePage(traces, next_cursor))
 
 
+async def get_trace(request: Request) -> Response:
+    """GET /v1/traces/{trace_id}: the trace's summary and its events as a tree."""
+    trace_id = uuid_param(request.path_params["trace_id"], "trace_id")
+    pool = pool_of(request)
+    summary = await db.fetch_trace_summary(pool, trace_id)
+    if summary is None:
+        return MsgspecResponse(ErrorBody(f"no trace with trace_id {trace_id}"), status_code=404)
+    events = await db.fetch_trace_events(pool, trace_id)
+    return MsgspecResponse(
+        TraceDetail(
+            trace_id=trace_id,
+            start_time=summary["start_time"],
+            end_time=summary["end_time"],
+            duration_ms=_duration_ms(summary),
+            event_count=summary["event_count"],
+            services=summary["services"],
+            event_types=summary["event_types"],
+            tree=build_forest([(e["span_id"], e["parent_span_id"], e["data"]) for e in events]),
+        )
+    )
+
+
 async def health(request: Request) -> Response:
     """GET /health: always 200 while the process runs; `status` says whether all is well."""
-    database_time = await db.ping(_pool(request), HEALTH_TIMEOUT_S)
+    database_time = await db.ping(pool_of(request), HEALTH_TIMEOUT_S)
     buffer = _buffer(request)
     ok = database_time is not None
     return MsgspecResponse(

@@ -1,44 +1,70 @@
--- Returns one page of traces, newest start first, strictly after the keyset cursor (start_time, trace_id).
--- $1 after_start_time timestamptz ('infinity' for the first page)
+-- Returns one page of trace summaries, newest start first, strictly after the keyset cursor, keeping the traces that pass every filter given (a NULL or empty parameter is no filter).
+-- $1 after_start_time timestamptz (year 9999 for the first page)
 -- $2 after_trace_id uuid (the largest uuid for the first page)
 -- $3 page_size integer
-WITH page AS (
-    SELECT
-        trace_id,
-        start_time
-    FROM traces
-    WHERE (start_time, trace_id) < ($1::timestamptz, $2::uuid)
-    ORDER BY start_time DESC, trace_id DESC
-    LIMIT $3::integer
-)
+-- $4 service text (some event of the trace has it)
+-- $5 event_type text (some event of the trace is one)
+-- $6 since timestamptz (some event at or after it ...)
+-- $7 until timestamptz (... and at or before it)
+-- $8 metadata_keys text[] (for each key and value, some event carries metadata.key = value)
+-- $9 metadata_values text[]
+-- $10 min_duration_ms double precision
+-- $11 has_error boolean (whether some event has an error object)
 SELECT
-    page.trace_id,
-    page.start_time,
-    summary.end_time,
-    summary.event_count,
-    summary.services,
-    kinds.event_types
-FROM page
-CROSS JOIN LATERAL (
-    SELECT
-        max(e."timestamp" + make_interval(secs => coalesce(e.duration_ms, 0) / 1000.0)) AS end_time,
-        count(*) AS event_count,
-        coalesce(
-            array_agg(DISTINCT e.service ORDER BY e.service) FILTER (WHERE e.service IS NOT NULL),
-            '{}'
-        ) AS services
-    FROM events AS e
-    WHERE e.trace_id = page.trace_id
-) AS summary
-CROSS JOIN LATERAL (
-    SELECT coalesce(jsonb_object_agg(counted.event_type, counted.n), '{}'::jsonb) AS event_types
-    FROM (
-        SELECT
-            e.event_type,
-            count(*) AS n
-        FROM events AS e
-        WHERE e.trace_id = page.trace_id
-        GROUP BY e.event_type
-    ) AS counted
-) AS kinds
-ORDER BY page.start_time DESC, page.trace_id DESC;
+    t.trace_id,
+    t.start_time,
+    t.end_time,
+    t.event_count,
+    t.services,
+    t.event_types
+FROM trace_summaries AS t
+WHERE
+    (t.start_time, t.trace_id) < ($1::timestamptz, $2::uuid)
+    AND ($7::timestamptz IS NULL OR t.start_time <= $7::timestamptz)
+    AND ($6::timestamptz IS NULL OR t.end_time >= $6::timestamptz)
+    AND (
+        $10::float8 IS NULL
+        OR t.end_time - t.start_time >= make_interval(secs => $10::float8 / 1000)
+    )
+    AND (
+        $4::text IS NULL
+        OR EXISTS (
+            SELECT 1 FROM events AS e WHERE e.trace_id = t.trace_id AND e.service = $4::text
+        )
+    )
+    AND (
+        $5::text IS NULL
+        OR EXISTS (
+            SELECT 1 FROM events AS e WHERE e.trace_id = t.trace_id AND e.event_type = $5::text
+        )
+    )
+    AND (
+        ($6::timestamptz IS NULL AND $7::timestamptz IS NULL)
+        OR EXISTS (
+            SELECT 1
+            FROM events AS e
+            WHERE
+                e.trace_id = t.trace_id
+                AND e."timestamp" >= coalesce($6::timestamptz, '-infinity')
+                AND e."timestamp" <= coalesce($7::timestamptz, 'infinity')
+        )
+    )
+    AND NOT EXISTS (
+        SELECT 1
+        FROM unnest($8::text[], $9::text[]) AS tag (key, value)
+        WHERE NOT EXISTS (
+            SELECT 1
+            FROM events AS e
+            WHERE e.trace_id = t.trace_id AND e.data -> 'metadata' ->> tag.key = tag.value
+        )
+    )
+    AND (
+        $11::boolean IS NULL
+        OR EXISTS (
+            SELECT 1
+            FROM events AS e
+            WHERE e.trace_id = t.trace_id AND jsonb_typeof(e.data -> 'error') = 'object'
+        ) = $11::boolean
+    )
+ORDER BY t.start_time DESC, t.trace_id DESC
+LIMIT $3::integer;
