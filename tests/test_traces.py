@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -25,7 +26,8 @@ def seeded_rows() -> Iterator[Row]:
         for event_number in range(EVENTS_PER_TRACE):
             span_id = uuid.uuid4()
             timestamp = BASE_TIME + timedelta(minutes=trace_number, seconds=event_number)
-            data = json.dumps({"span_id": str(span_id), "n": event_number}).encode()
+            decision = {"input_count": 100, "output_count": event_number * 10}
+            data = json.dumps({"span_id": str(span_id), "decision": decision}).encode()
             yield (span_id, "decision", trace_id, span_id, None, "svc", timestamp, 5, data)
 
 
@@ -86,3 +88,46 @@ async def test_traces_page_counts_match_the_seeded_rows(seeded_pool: db.Pool) ->
     ]
     assert {r["event_count"] for r in records} == {EVENTS_PER_TRACE}
     assert {r["end_time"] - r["start_time"] for r in records} == {timedelta(seconds=9.005)}
+
+
+NO_TAGS: tuple[list[str], list[str]] = ([], [])
+RECENT = BASE_TIME + timedelta(minutes=TRACES - 100)
+
+
+async def test_trace_summary_reads_one_trace_by_its_keys(seeded_pool: db.Pool) -> None:
+    nodes = await planned(seeded_pool, "fetch_trace_summary", uuid.uuid4())
+    assert_no_scan_of_events(nodes)
+    assert ("Seq Scan", "traces", "") not in nodes, nodes
+    assert {"traces_pkey", "events_pkey"} <= {index for _, _, index in nodes}, nodes
+
+
+async def test_funnel_uses_the_primary_key(seeded_pool: db.Pool) -> None:
+    nodes = await planned(seeded_pool, "fetch_funnel", uuid.uuid4())
+    assert_no_scan_of_events(nodes)
+    assert any(index == "events_pkey" for _, _, index in nodes), nodes
+
+
+async def test_high_drops_in_a_time_window_use_a_decision_index(seeded_pool: db.Pool) -> None:
+    args = (Decimal("0.9"), None, RECENT, None, *NO_TAGS, 100)
+    nodes = await planned(seeded_pool, "fetch_high_drop_decisions", *args)
+    assert_no_scan_of_events(nodes)
+    assert {index for _, _, index in nodes} & {
+        "events_decision_time_idx",
+        "events_decision_drop_rate_idx",
+    }, nodes
+
+
+async def test_high_drops_without_a_window_walk_the_drop_rate_index(seeded_pool: db.Pool) -> None:
+    args = (Decimal("0.9"), None, None, None, *NO_TAGS, 100)
+    nodes = await planned(seeded_pool, "fetch_high_drop_decisions", *args)
+    assert_no_scan_of_events(nodes)
+    assert any(index == "events_decision_drop_rate_idx" for _, _, index in nodes), nodes
+
+
+async def test_drop_reasons_in_a_time_window_use_the_decision_time_index(
+    seeded_pool: db.Pool,
+) -> None:
+    args = (None, None, RECENT, None, *NO_TAGS, 100)
+    nodes = await planned(seeded_pool, "fetch_drop_reasons", *args)
+    assert_no_scan_of_events(nodes)
+    assert any(index == "events_decision_time_idx" for _, _, index in nodes), nodes
