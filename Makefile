@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install migrate run test bench bench-smoke lint fmt clean
+.PHONY: help install migrate run test bench bench-queries bench-smoke lint fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: $(INSTALLED)  ## run the tests (XRAY_TEST_DSN/DATABASE_URL, else a throwaw
 bench: $(INSTALLED)  ## ingest throughput vs. the raw COPY ceiling; what deduplication costs
 	$(BIN)/python -m benchmarks.bench_ingest $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_dedupe
+
+bench-queries: $(INSTALLED)  ## query latencies on 2M seeded events; what each index costs ingest
+	$(BIN)/python -m benchmarks.bench_queries $(BENCH_ARGS)
 
 bench-smoke: $(INSTALLED)  ## a few seconds of the ingest benchmark
 	$(BIN)/python -m benchmarks.bench_ingest --smoke

@@ -40,7 +40,8 @@ _WORDS = [
 ]
 
 
-def _with_database(dsn: str, name: str) -> str:
+def with_database(dsn: str, name: str) -> str:
+    """The same server DSN, pointing at database `name`."""
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
@@ -56,7 +57,7 @@ async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
-        dsn = _with_database(server_dsn, name)
+        dsn = with_database(server_dsn, name)
         await migrate(dsn)
         yield dsn
     finally:

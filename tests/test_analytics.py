@@ -418,3 +418,27 @@ async def test_pages_neither_skip_nor_repeat_while_events_keep_arriving(
     finally:
         await pool.close()
     assert seen == list(reversed(originals))
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({"tier": 3, "vip": True}, {"metadata.tier": "3"}),
+        ({"tier": "3", "vip": True}, {"metadata.tier": "3"}),
+        ({"tier": 3, "vip": True}, {"metadata.vip": "true"}),
+        ({"tier": 3, "vip": True}, {"metadata.tier": "3", "metadata.vip": "true"}),
+    ],
+)
+async def test_metadata_filter_matches_numbers_and_booleans_by_their_text(
+    database_dsn: str, client: TestClient, tags: dict[str, Any], expected: dict[str, str]
+) -> None:
+    trace_id = str(uuid.uuid4())
+    event = {"event_type": "x", "trace_id": trace_id, "timestamp": "2024-01-01T00:00:00Z"}
+    pool = await db.create_pool(database_dsn, max_size=1)
+    try:
+        await db.copy_events(pool, [decode_row(dumps({**event, "metadata": tags}))])
+    finally:
+        await pool.close()
+    found = client.get("/v1/traces", params=expected).json()["traces"]
+    assert [t["trace_id"] for t in found] == [trace_id]
+    assert client.get("/v1/traces", params={"metadata.tier": "4"}).json()["traces"] == []

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any, Final, TypeAlias
 
 import asyncpg
+import msgspec
 from asyncpg.pool import PoolConnectionProxy
 from msgspec import Raw
 
@@ -73,7 +74,12 @@ async def create_pool(dsn: str, max_size: int) -> Pool:
         max_size=max_size,
         init=init_connection,
         # Times that the database itself renders (inside JSON documents) come out in UTC.
-        server_settings={"timezone": "UTC"},
+        server_settings={
+            "timezone": "UTC",
+            # Plan each query for its parameters: a filter on a rare value and on a common one
+            # want different plans, and a cached generic plan would serve one of them badly.
+            "plan_cache_mode": "force_custom_plan",
+        },
     )
     assert pool is not None
     return pool
@@ -190,6 +196,22 @@ async def fetch_trace_summary(pool: Pool, trace_id: uuid.UUID) -> asyncpg.Record
         return await connection.fetchrow(QUERIES["fetch_trace_summary"], trace_id)
 
 
+def _first_tag_documents(filters: TraceFilters) -> tuple[bytes | None, bytes | None]:
+    """The first metadata filter as jsonb containment documents: its value as a string, and
+    as the JSON scalar it spells when it spells one (so `tier=3` also finds `"tier": 3`)."""
+    if not filters.metadata_keys:
+        return None, None
+    key, value = filters.metadata_keys[0], filters.metadata_values[0]
+    as_text = msgspec.json.encode({key: value})
+    try:
+        scalar = msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        return as_text, as_text
+    if isinstance(scalar, (list, dict, str)):
+        return as_text, as_text
+    return as_text, msgspec.json.encode({key: scalar})
+
+
 async def fetch_traces_page(
     pool: Pool,
     after_start_time: datetime,
@@ -213,6 +235,7 @@ async def fetch_traces_page(
             filters.metadata_values,
             filters.min_duration_ms,
             filters.has_error,
+            *_first_tag_documents(filters),
         )
 
 

@@ -1,4 +1,4 @@
--- Adds traces.end_time (kept by the flusher), the decision_drop_rate function and partial indexes on decision events.
+-- Adds traces.end_time (kept by the flusher), the decision_drop_rate function, decision and metadata indexes, and the trace_summaries view.
 ALTER TABLE traces ADD COLUMN end_time timestamptz;
 
 UPDATE traces
@@ -34,6 +34,9 @@ WHERE event_type = 'decision';
 -- Decision events by drop rate, for high-drop-traces without a time window.
 CREATE INDEX events_decision_drop_rate_idx ON events (decision_drop_rate(data) DESC)
 WHERE event_type = 'decision';
+
+-- Events by metadata tag (containment), so a trace filter on a rare tag finds its traces directly.
+CREATE INDEX events_metadata_idx ON events USING gin ((data -> 'metadata') jsonb_path_ops);
 
 -- One row per trace with what the trace endpoints show; computed per trace on read.
 CREATE VIEW trace_summaries AS

@@ -10,6 +10,8 @@
 -- $9 metadata_values text[]
 -- $10 min_duration_ms double precision
 -- $11 has_error boolean (whether some event has an error object)
+-- $12 first_tag_as_text jsonb ({key: value} of the first metadata filter, value as a string)
+-- $13 first_tag_as_json jsonb (the same with the value read as JSON when it is a number, true, false or null)
 SELECT
     t.trace_id,
     t.start_time,
@@ -47,6 +49,15 @@ WHERE
                 e.trace_id = t.trace_id
                 AND e."timestamp" >= coalesce($6::timestamptz, '-infinity')
                 AND e."timestamp" <= coalesce($7::timestamptz, 'infinity')
+        )
+    )
+    -- The first tag again, as containment: lets the GIN index find the traces of a rare tag.
+    AND (
+        $12::jsonb IS NULL
+        OR t.trace_id IN (
+            SELECT e.trace_id
+            FROM events AS e
+            WHERE e.data -> 'metadata' @> $12::jsonb OR e.data -> 'metadata' @> $13::jsonb
         )
     )
     AND NOT EXISTS (
