@@ -442,3 +442,20 @@ async def test_metadata_filter_matches_numbers_and_booleans_by_their_text(
     found = client.get("/v1/traces", params=expected).json()["traces"]
     assert [t["trace_id"] for t in found] == [trace_id]
     assert client.get("/v1/traces", params={"metadata.tier": "4"}).json()["traces"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"metadata.region": "us"}, [T3]),
+        ({"metadata.domain": "retail", "service": "search"}, [T1, T3]),
+        ({"metadata.domain": "retail", "metadata.region": "eu"}, [T1]),
+    ],
+)
+def test_common_tags_walk_the_traces_and_give_the_same_answers(
+    seeded: TestClient, monkeypatch: pytest.MonkeyPatch, params: dict[str, str], expected: list[str]
+) -> None:
+    monkeypatch.setattr(db, "RARE_TAG_EVENTS", 0)  # every tag counts as common
+    assert [t["trace_id"] for t in seeded.get("/v1/traces", params=params).json()["traces"]] == (
+        expected
+    )

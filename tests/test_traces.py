@@ -72,7 +72,7 @@ async def test_event_by_span_id_uses_its_index(seeded_pool: db.Pool) -> None:
 
 async def test_traces_page_walks_the_start_time_index(seeded_pool: db.Pool) -> None:
     first_page = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1), 50)
-    no_filters: tuple[object, ...] = (None, None, None, None, [], [], None, None, None, None)
+    no_filters: tuple[object, ...] = (None, None, None, None, [], [], None, None, None)
     nodes = await planned(seeded_pool, "fetch_traces_page", *first_page, *no_filters)
     assert_no_scan_of_events(nodes)
     assert ("Seq Scan", "traces", "") not in nodes, nodes
@@ -127,7 +127,7 @@ async def test_high_drops_without_a_window_walk_the_drop_rate_index(seeded_pool:
 async def test_drop_reasons_in_a_time_window_use_the_decision_time_index(
     seeded_pool: db.Pool,
 ) -> None:
-    args = (None, None, RECENT, None, *NO_TAGS, 100)
+    args = (None, RECENT, None, *NO_TAGS, None, 100)
     nodes = await planned(seeded_pool, "fetch_drop_reasons", *args)
     assert_no_scan_of_events(nodes)
     assert any(index == "events_decision_time_idx" for _, _, index in nodes), nodes

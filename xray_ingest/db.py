@@ -34,6 +34,8 @@ COPY_COLUMNS: Final = (
 # SQLSTATE classes that mean "the database refuses this data", as opposed to "try again later":
 # 22 data exception, 23 integrity constraint violation, 54 program limit exceeded.
 _REJECTION_CLASSES: Final = frozenset({"22", "23", "54"})
+# A metadata tag on at most this many events counts as rare (see fetch_traces_page).
+RARE_TAG_EVENTS: Final = 5_000
 # jsonb's binary wire format is a version byte followed by the JSON text.
 _JSONB_VERSION: Final = b"\x01"
 
@@ -196,11 +198,9 @@ async def fetch_trace_summary(pool: Pool, trace_id: uuid.UUID) -> asyncpg.Record
         return await connection.fetchrow(QUERIES["fetch_trace_summary"], trace_id)
 
 
-def _first_tag_documents(filters: TraceFilters) -> tuple[bytes | None, bytes | None]:
+def _first_tag_documents(filters: TraceFilters) -> tuple[bytes, bytes]:
     """The first metadata filter as jsonb containment documents: its value as a string, and
     as the JSON scalar it spells when it spells one (so `tier=3` also finds `"tier": 3`)."""
-    if not filters.metadata_keys:
-        return None, None
     key, value = filters.metadata_keys[0], filters.metadata_values[0]
     as_text = msgspec.json.encode({key: value})
     try:
@@ -220,8 +220,21 @@ async def fetch_traces_page(
     filters: TraceFilters,
 ) -> list[asyncpg.Record]:
     """Returns up to page_size trace summaries that sort after the cursor and pass the
-    filters, newest first."""
+    filters, newest first.
+
+    The page walks traces newest first, probing each; a rare metadata tag would make that walk
+    long, so the traces carrying the first tag are looked up first through the GIN index, and
+    when they are few the walk visits only them."""
     async with pool.acquire() as connection:
+        candidates = None
+        if filters.metadata_keys:
+            tagged = await connection.fetch(
+                QUERIES["fetch_tagged_trace_ids"],
+                *_first_tag_documents(filters),
+                RARE_TAG_EVENTS + 1,
+            )
+            if len(tagged) <= RARE_TAG_EVENTS:
+                candidates = list({record[0] for record in tagged})
         return await connection.fetch(
             QUERIES["fetch_traces_page"],
             after_start_time,
@@ -235,7 +248,7 @@ async def fetch_traces_page(
             filters.metadata_values,
             filters.min_duration_ms,
             filters.has_error,
-            *_first_tag_documents(filters),
+            candidates,
         )
 
 
@@ -246,20 +259,24 @@ async def _fetch_document(pool: Pool, query: str, *args: Any) -> Raw | None:
         return document
 
 
-async def fetch_high_drop_decisions(
-    pool: Pool, threshold: float, window: AnalyticsWindow, limit: int
-) -> Raw:
-    document = await _fetch_document(
-        pool,
-        QUERIES["fetch_high_drop_decisions"],
-        Decimal(str(threshold)),
+def _window_args(window: AnalyticsWindow) -> tuple[Any, ...]:
+    """The analytics queries' shared parameters, in their order: service, since, until,
+    metadata keys, metadata values."""
+    return (
         window.service,
         window.since,
         window.until,
         window.metadata_keys,
         window.metadata_values,
-        limit,
     )
+
+
+async def fetch_high_drop_decisions(
+    pool: Pool, threshold: float, window: AnalyticsWindow, limit: int
+) -> Raw:
+    threshold_arg = Decimal(str(threshold))
+    query = QUERIES["fetch_high_drop_decisions"]
+    document = await _fetch_document(pool, query, threshold_arg, *_window_args(window), limit)
     assert document is not None
     return document
 
@@ -267,17 +284,8 @@ async def fetch_high_drop_decisions(
 async def fetch_drop_reasons(
     pool: Pool, window: AnalyticsWindow, trace_id: uuid.UUID | None, limit: int
 ) -> Raw:
-    document = await _fetch_document(
-        pool,
-        QUERIES["fetch_drop_reasons"],
-        window.service,
-        trace_id,
-        window.since,
-        window.until,
-        window.metadata_keys,
-        window.metadata_values,
-        limit,
-    )
+    query = QUERIES["fetch_drop_reasons"]
+    document = await _fetch_document(pool, query, *_window_args(window), trace_id, limit)
     assert document is not None
     return document
 

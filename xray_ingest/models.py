@@ -240,14 +240,7 @@ class AnalyticsWindow(Struct, kw_only=True):
     metadata_values: list[str] = []
 
 
-class TraceDetail(Struct):
-    trace_id: uuid.UUID
-    start_time: datetime
-    end_time: datetime
-    duration_ms: int
-    event_count: int
-    services: list[str]
-    event_types: Raw
+class TraceDetail(TraceSummary):
     tree: list[dict[str, Any]]
 
 

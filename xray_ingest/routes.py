@@ -209,9 +209,18 @@ async def get_event(request: Request) -> Response:
     return MsgspecResponse(event)
 
 
-def _duration_ms(record: Record) -> int:
+def _summary_fields(record: Record) -> dict[str, Any]:
+    """A trace_summaries row as TraceSummary's fields."""
     span: timedelta = record["end_time"] - record["start_time"]
-    return round(span.total_seconds() * 1000)
+    return {
+        "trace_id": record["trace_id"],
+        "start_time": record["start_time"],
+        "end_time": record["end_time"],
+        "duration_ms": round(span.total_seconds() * 1000),
+        "event_count": record["event_count"],
+        "services": record["services"],
+        "event_types": record["event_types"],
+    }
 
 
 async def list_traces(request: Request) -> Response:
@@ -221,18 +230,7 @@ async def list_traces(request: Request) -> Response:
     after = decode_cursor(params.get("cursor"))
     filters = trace_filters(params)
     records = await db.fetch_traces_page(pool_of(request), *after, page_size, filters)
-    traces = [
-        TraceSummary(
-            trace_id=record["trace_id"],
-            start_time=record["start_time"],
-            end_time=record["end_time"],
-            duration_ms=_duration_ms(record),
-            event_count=record["event_count"],
-            services=record["services"],
-            event_types=record["event_types"],
-        )
-        for record in records
-    ]
+    traces = [TraceSummary(**_summary_fields(record)) for record in records]
     next_cursor = None
     if len(traces) == page_size:
         next_cursor = encode_cursor(traces[-1].start_time, traces[-1].trace_id)
@@ -247,18 +245,8 @@ async def get_trace(request: Request) -> Response:
     if summary is None:
         return MsgspecResponse(ErrorBody(f"no trace with trace_id {trace_id}"), status_code=404)
     events = await db.fetch_trace_events(pool, trace_id)
-    return MsgspecResponse(
-        TraceDetail(
-            trace_id=trace_id,
-            start_time=summary["start_time"],
-            end_time=summary["end_time"],
-            duration_ms=_duration_ms(summary),
-            event_count=summary["event_count"],
-            services=summary["services"],
-            event_types=summary["event_types"],
-            tree=build_forest([(e["span_id"], e["parent_span_id"], e["data"]) for e in events]),
-        )
-    )
+    tree = build_forest([(e["span_id"], e["parent_span_id"], e["data"]) for e in events])
+    return MsgspecResponse(TraceDetail(**_summary_fields(summary), tree=tree))
 
 
 async def health(request: Request) -> Response:

@@ -1,10 +1,10 @@
 -- Returns {"count", "reasons"}: dropped[].count of decision events summed by reason, most dropped first, with the traces affected and the average share of the event's input_count.
 -- $1 service text (NULL: any)
--- $2 trace_id uuid (NULL: any)
--- $3 since timestamptz (NULL: no lower bound)
--- $4 until timestamptz (NULL: no upper bound)
--- $5 metadata_keys text[] (each event must carry metadata.key = value for every pair)
--- $6 metadata_values text[]
+-- $2 since timestamptz (NULL: no lower bound)
+-- $3 until timestamptz (NULL: no upper bound)
+-- $4 metadata_keys text[] (each event must carry metadata.key = value for every pair)
+-- $5 metadata_values text[]
+-- $6 trace_id uuid (NULL: any)
 -- $7 row_limit integer
 WITH drops AS (
     SELECT
@@ -19,14 +19,14 @@ WITH drops AS (
     WHERE
         e.event_type = 'decision'
         AND ($1::text IS NULL OR e.service = $1::text)
-        AND ($2::uuid IS NULL OR e.trace_id = $2::uuid)
-        AND e."timestamp" >= coalesce($3::timestamptz, '-infinity')
-        AND e."timestamp" <= coalesce($4::timestamptz, 'infinity')
+        AND e."timestamp" >= coalesce($2::timestamptz, '-infinity')
+        AND e."timestamp" <= coalesce($3::timestamptz, 'infinity')
         AND NOT EXISTS (
             SELECT 1
-            FROM unnest($5::text[], $6::text[]) AS tag (key, value)
+            FROM unnest($4::text[], $5::text[]) AS tag (key, value)
             WHERE (e.data -> 'metadata' ->> tag.key) IS DISTINCT FROM tag.value
         )
+        AND ($6::uuid IS NULL OR e.trace_id = $6::uuid)
 ),
 reasons AS (
     SELECT
