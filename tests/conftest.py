@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.processes import Server
 from xray_ingest import db
 from xray_ingest.embedded import postgres_or_throwaway
 from xray_ingest.migrate import migrate
@@ -83,3 +84,14 @@ async def pool(database_dsn: str) -> AsyncIterator[db.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_servers() -> Iterator[None]:
+    """A test that fails halfway must not leave its server process running."""
+    yield
+    while Server.started:
+        server = Server.started.pop()
+        if server.process.poll() is None:
+            server.process.kill()
+        server.output(timeout_s=10)

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tests import samples
 from tests.samples import dumps
@@ -47,7 +47,11 @@ class Server:
     """`python -m xray_ingest serve` on a free port, in its own process group, logging to a
     file (a pipe could fill up and block it)."""
 
+    # Every server started, so that a failed test's server is still killed (conftest).
+    started: ClassVar[list[Server]] = []
+
     def __init__(self, env: dict[str, str], cwd: Path = PROJECT_DIR) -> None:
+        Server.started.append(self)
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in output())
         self.process = subprocess.Popen(

@@ -3,6 +3,7 @@ the pool and runs the flusher."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -37,6 +38,9 @@ from xray_ingest.migrate import pending_migrations
 from xray_ingest.models import ErrorBody, FieldError
 
 logger = logging.getLogger(__name__)
+
+# A connection stuck on an unreachable database must not hold up the exit.
+POOL_CLOSE_TIMEOUT_S = 10
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -152,7 +156,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             finally:
                 await flusher.stop(settings.shutdown_timeout_s)
         finally:
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                pool.terminate()
 
     app = Starlette(
         routes=[
