@@ -72,7 +72,7 @@ async def test_event_by_span_id_uses_its_index(seeded_pool: db.Pool) -> None:
 
 async def test_traces_page_walks_the_start_time_index(seeded_pool: db.Pool) -> None:
     first_page = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1), 50)
-    no_filters: tuple[object, ...] = (None, None, None, None, [], [], None, None, None)
+    no_filters: tuple[object, ...] = (None, None, None, None, [], [], None, None)
     nodes = await planned(seeded_pool, "fetch_traces_page", *first_page, *no_filters)
     assert_no_scan_of_events(nodes)
     assert ("Seq Scan", "traces", "") not in nodes, nodes

@@ -225,8 +225,20 @@ async def fetch_traces_page(
     The page walks traces newest first, probing each; a rare metadata tag would make that walk
     long, so the traces carrying the first tag are looked up first through the GIN index, and
     when they are few the walk visits only them."""
+    args = (
+        after_start_time,
+        after_trace_id,
+        page_size,
+        filters.service,
+        filters.event_type,
+        filters.since,
+        filters.until,
+        filters.metadata_keys,
+        filters.metadata_values,
+        filters.min_duration_ms,
+        filters.has_error,
+    )
     async with pool.acquire() as connection:
-        candidates = None
         if filters.metadata_keys:
             tagged = await connection.fetch(
                 QUERIES["fetch_tagged_trace_ids"],
@@ -235,21 +247,8 @@ async def fetch_traces_page(
             )
             if len(tagged) <= RARE_TAG_EVENTS:
                 candidates = list({record[0] for record in tagged})
-        return await connection.fetch(
-            QUERIES["fetch_traces_page"],
-            after_start_time,
-            after_trace_id,
-            page_size,
-            filters.service,
-            filters.event_type,
-            filters.since,
-            filters.until,
-            filters.metadata_keys,
-            filters.metadata_values,
-            filters.min_duration_ms,
-            filters.has_error,
-            candidates,
-        )
+                return await connection.fetch(QUERIES["fetch_traces_page_among"], *args, candidates)
+        return await connection.fetch(QUERIES["fetch_traces_page"], *args)
 
 
 async def _fetch_document(pool: Pool, query: str, *args: Any) -> Raw | None:

@@ -69,3 +69,48 @@ CROSS JOIN LATERAL (
         GROUP BY e.event_type
     ) AS counted
 ) AS kinds;
+
+-- Whether a trace passes the trace-list filters that look at its events (NULL or empty: no
+-- filter): some event has the service, some event is of the type, some event falls in
+-- [since, until], some event has an error object (or none has, for has_error = false), and for
+-- each metadata key and value some event carries that tag. One pass over the trace's events.
+CREATE FUNCTION trace_matches(
+    trace uuid,
+    service text,
+    event_type text,
+    since timestamptz,
+    until timestamptz,
+    tag_keys text[],
+    tag_values text[],
+    has_error boolean
+) RETURNS boolean
+LANGUAGE sql
+STABLE
+PARALLEL SAFE
+RETURN (
+    SELECT
+        (trace_matches.service IS NULL OR bool_or(e.service = trace_matches.service))
+        AND (
+            trace_matches.event_type IS NULL
+            OR bool_or(e.event_type = trace_matches.event_type)
+        )
+        AND (
+            (trace_matches.since IS NULL AND trace_matches.until IS NULL)
+            OR bool_or(
+                e."timestamp" >= coalesce(trace_matches.since, '-infinity')
+                AND e."timestamp" <= coalesce(trace_matches.until, 'infinity')
+            )
+        )
+        AND (
+            trace_matches.has_error IS NULL
+            OR coalesce(bool_or(jsonb_typeof(e.data -> 'error') = 'object'), FALSE)
+            = trace_matches.has_error
+        )
+        AND count(DISTINCT tag.position) FILTER (
+            WHERE e.data -> 'metadata' ->> tag.key = tag.value
+        ) = coalesce(cardinality(trace_matches.tag_keys), 0)
+    FROM events AS e
+    LEFT JOIN unnest(trace_matches.tag_keys, trace_matches.tag_values)
+        WITH ORDINALITY AS tag (key, value, position) ON TRUE
+    WHERE e.trace_id = trace_matches.trace
+);
