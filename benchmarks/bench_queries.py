@@ -133,18 +133,20 @@ async def seed(dsn: str, traces: int, now: datetime) -> None:
         await connection.close()
 
 
-async def prepare(server_dsn: str, traces: int, reseed: bool) -> tuple[str, datetime]:
+async def prepare(
+    server_dsn: str, traces: int, reseed: bool, database: str
+) -> tuple[str, datetime]:
     """The seeded database's DSN and the 'now' its times were made around."""
     admin = await asyncpg.connect(server_dsn)
     try:
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
         if exists and reseed:
-            await admin.execute(f"DROP DATABASE {DATABASE} WITH (FORCE)")
+            await admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
         if not exists or reseed:
-            await admin.execute(f"CREATE DATABASE {DATABASE}")
+            await admin.execute(f"CREATE DATABASE {database}")
     finally:
         await admin.close()
-    dsn = with_database(server_dsn, DATABASE)
+    dsn = with_database(server_dsn, database)
     await migrate(dsn)
     connection = await asyncpg.connect(dsn)
     try:
@@ -153,7 +155,7 @@ async def prepare(server_dsn: str, traces: int, reseed: bool) -> tuple[str, date
     finally:
         await connection.close()
     if have >= traces:
-        print(f"reusing {DATABASE}: {have:,} traces", file=sys.stderr)
+        print(f"reusing {database}: {have:,} traces", file=sys.stderr)
         return dsn, newest
     now = datetime.now(UTC)
     print(f"seeding {traces:,} traces ({traces * 10:,} events) ...", file=sys.stderr)
@@ -259,9 +261,11 @@ async def index_costs(server_dsn: str, events: int) -> dict[str, float]:
     return results
 
 
-async def run(traces: int, repeat: int, reseed: bool, index_events: int) -> dict[str, Any]:
+async def run(
+    traces: int, repeat: int, reseed: bool, index_events: int, database: str
+) -> dict[str, Any]:
     with postgres_server() as server_dsn:
-        dsn, now = await prepare(server_dsn, traces, reseed)
+        dsn, now = await prepare(server_dsn, traces, reseed, database)
         ids = await sample_ids(dsn, repeat)
         server = ServerProcess(dsn)
         try:
@@ -299,10 +303,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200, help="requests per endpoint")
     parser.add_argument("--reseed", action="store_true", help="drop and seed again")
     parser.add_argument("--index-events", type=int, default=100_000, help="0 to skip")
+    parser.add_argument("--database", default=DATABASE, help="kept between runs")
+    parser.add_argument("--output", default="queries.json", help="in benchmarks/results/")
     args = parser.parse_args()
-    report = asyncio.run(run(args.traces, args.repeat, args.reseed, args.index_events))
+    report = asyncio.run(
+        run(args.traces, args.repeat, args.reseed, args.index_events, args.database)
+    )
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "queries.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / args.output).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""The benchmarks in their short modes, so that they never rot: each must run to the end and
+report sane numbers. (No speed is asserted here: timed tests flake on shared machines.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from tests.conftest import _admin
+from tests.processes import PROJECT_DIR
+
+RESULTS = PROJECT_DIR / "benchmarks" / "results"
+
+
+def run_benchmark(server_dsn: str, *args: str) -> str:
+    env = {**os.environ, "XRAY_BENCH_DSN": server_dsn}
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None:
+    (RESULTS / "ingest-smoke.json").unlink(missing_ok=True)
+    run_benchmark(server_dsn, "benchmarks.bench_ingest", "--smoke")
+    report = json.loads((RESULTS / "ingest-smoke.json").read_text())
+    assert report["events"] == 4000
+    assert all(value > 0 for value in report["ceiling_rows_per_s"].values())
+    for result in report["results"]:
+        assert result["committed_events_per_s"] > 0
+        assert result["ratio_to_ceiling"] > 0
+        assert result["server_peak_rss_mib"] > 0
+
+
+def test_dedupe_benchmark_runs(server_dsn: str) -> None:
+    line = run_benchmark(server_dsn, "benchmarks.bench_dedupe", "--events", "10000")
+    result = json.loads(line.strip().splitlines()[-1])
+    assert result["new_rows_per_s"] > 0 and result["one_repeat_rows_per_s"] > 0
+
+
+async def test_queries_benchmark_smoke_run_times_every_endpoint(server_dsn: str) -> None:
+    database = f"xray_bench_smoke_{uuid.uuid4().hex[:8]}"
+    (RESULTS / "queries-smoke.json").unlink(missing_ok=True)
+    try:
+        run_benchmark(
+            server_dsn,
+            "benchmarks.bench_queries",
+            "--traces=300",
+            "--repeat=5",
+            "--index-events=2000",
+            f"--database={database}",
+            "--output=queries-smoke.json",
+        )
+    finally:
+        await _admin(server_dsn, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    report = json.loads((RESULTS / "queries-smoke.json").read_text())
+    assert len(report["latency_ms"]) == 15
+    assert all(timing["p50"] > 0 for timing in report["latency_ms"].values())
+    assert report["copy_rows_per_s_by_index"]["all indexes"] > 0
