@@ -26,9 +26,10 @@ run: $(INSTALLED)  ## serve on 127.0.0.1:8000 (no DATABASE_URL: embedded Postgre
 test: $(INSTALLED)  ## run the tests (XRAY_TEST_DSN/DATABASE_URL, else a throwaway PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(INSTALLED)  ## ingest throughput vs. the raw COPY ceiling; what deduplication costs
+bench: $(INSTALLED)  ## ingest vs. the raw COPY ceiling; dedup cost; time until an event is readable
 	$(BIN)/python -m benchmarks.bench_ingest $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_dedupe
+	$(BIN)/python -m benchmarks.bench_visibility
 
 bench-queries: $(INSTALLED)  ## query latencies on 2M seeded events; what each index costs ingest
 	$(BIN)/python -m benchmarks.bench_queries $(BENCH_ARGS)

@@ -66,3 +66,10 @@ async def test_queries_benchmark_smoke_run_times_every_endpoint(server_dsn: str)
     assert len(report["latency_ms"]) == 15
     assert all(timing["p50"] > 0 for timing in report["latency_ms"].values())
     assert report["copy_rows_per_s_by_index"]["all indexes"] > 0
+
+
+def test_visibility_benchmark_sees_every_probe(server_dsn: str) -> None:
+    args = ("benchmarks.bench_visibility", "--rate", "2000", "--seconds", "2")
+    result = json.loads(run_benchmark(server_dsn, *args).strip().splitlines()[-1])
+    assert result["probes"] > 0
+    assert result["visibility_p50_ms"] > 0
