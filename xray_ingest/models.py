@@ -441,7 +441,3 @@ def decode_batch(
         ids.append(row[3])
         size += len(raw)
     return DecodedBatch(rows, ids, errors, size)
-
-
-def encode(value: Any) -> bytes:
-    return ENCODER.encode(value)
