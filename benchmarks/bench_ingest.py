@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -93,9 +94,16 @@ def request_bodies(encoded: list[bytes], batch_size: int) -> list[bytes]:
 
 
 async def drive(
-    dsn: str, encoded: list[bytes], batch_size: int, connections: int, query: str = ""
+    dsn: str,
+    encoded: list[bytes],
+    batch_size: int,
+    connections: int,
+    query: str = "",
+    keep_rows: bool = False,
 ) -> Result:
-    """Posts every event through a fresh server and waits until all are committed."""
+    """Posts every event through a fresh server and waits until all are committed; then
+    empties the table unless keep_rows."""
+    stored_before = await count_events(dsn)
     server = ServerProcess(dsn)
     try:
         await server.wait_ready()
@@ -128,7 +136,7 @@ async def drive(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         acked = time.perf_counter() - started
-        while await count_events(dsn) < len(encoded):
+        while await count_events(dsn) < stored_before + len(encoded):
             await asyncio.sleep(0.02)
         committed = time.perf_counter() - started
         latencies.sort()
@@ -148,7 +156,8 @@ async def drive(
         )
     finally:
         server.stop()
-    await truncate(dsn)
+    if not keep_rows:
+        await truncate(dsn)
     return result
 
 
@@ -226,6 +235,28 @@ async def run(events: int, scenarios: list[Scenario]) -> dict[str, Any]:
     }
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Committed events/s per scenario beside the raw COPY ceilings of the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = [r["scenario"] for r in results]
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    axes.bar(names, [r["committed_events_per_s"] for r in results], color="#4477aa")
+    for label, value in report["ceiling_rows_per_s"].items():
+        axes.axhline(value, linestyle="--", color="#cc6677")
+        axes.text(len(names) - 0.5, value, f"raw COPY, {label}", ha="right", va="bottom")
+    axes.set_ylabel("committed events/s")
+    axes.set_title(f"xray-ingest: {report['events']:,} events of ~{report['mean_event_bytes']} B")
+    axes.tick_params(axis="x", labelrotation=15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
@@ -234,8 +265,9 @@ def main() -> None:
     events = 4_000 if args.smoke else args.events
     report = asyncio.run(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS))
     RESULTS_DIR.mkdir(exist_ok=True)
-    name = "ingest-smoke.json" if args.smoke else "ingest.json"
-    (RESULTS_DIR / name).write_text(json.dumps(report, indent=2) + "\n")
+    name = "ingest-smoke" if args.smoke else "ingest"
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, RESULTS_DIR / f"{name}.png")
 
 
 if __name__ == "__main__":

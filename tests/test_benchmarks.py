@@ -33,6 +33,7 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
     (RESULTS / "ingest-smoke.json").unlink(missing_ok=True)
     run_benchmark(server_dsn, "benchmarks.bench_ingest", "--smoke")
     report = json.loads((RESULTS / "ingest-smoke.json").read_text())
+    assert (RESULTS / "ingest-smoke.png").read_bytes().startswith(b"\x89PNG")
     assert report["events"] == 4000
     assert all(value > 0 for value in report["ceiling_rows_per_s"].values())
     for result in report["results"]:
