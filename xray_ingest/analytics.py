@@ -10,14 +10,13 @@ from starlette.responses import Response
 
 from xray_ingest import db
 from xray_ingest.errors import BadRequestError
-from xray_ingest.models import AnalyticsWindow, ErrorBody
+from xray_ingest.models import ErrorBody
 from xray_ingest.params import (
+    analytics_window,
     fraction_param,
     int_param,
-    metadata_params,
     optional_uuid,
     text_param,
-    time_param,
     uuid_param,
 )
 from xray_ingest.routes import MsgspecResponse, RawJsonResponse, pool_of
@@ -25,18 +24,6 @@ from xray_ingest.routes import MsgspecResponse, RawJsonResponse, pool_of
 DEFAULT_THRESHOLD: Final = 0.9
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 10_000
-
-
-def _window(request: Request) -> AnalyticsWindow:
-    params = request.query_params
-    keys, values = metadata_params(params)
-    return AnalyticsWindow(
-        service=text_param(params, "service"),
-        since=time_param(params, "since"),
-        until=time_param(params, "until"),
-        metadata_keys=keys,
-        metadata_values=values,
-    )
 
 
 def _limit(request: Request) -> int:
@@ -47,7 +34,7 @@ async def high_drop_traces(request: Request) -> Response:
     """GET /v1/analytics/high-drop-traces?threshold=0.9: decision events dropping at least
     that share of their input, highest first."""
     threshold = fraction_param(request.query_params, "threshold", DEFAULT_THRESHOLD)
-    window, limit = _window(request), _limit(request)
+    window, limit = analytics_window(request.query_params), _limit(request)
     document = await db.fetch_high_drop_decisions(pool_of(request), threshold, window, limit)
     return RawJsonResponse(document)
 
@@ -55,7 +42,7 @@ async def high_drop_traces(request: Request) -> Response:
 async def drop_reasons(request: Request) -> Response:
     """GET /v1/analytics/drop-reasons: dropped counts summed by reason."""
     trace_id = optional_uuid(request.query_params.get("trace_id"), "trace_id")
-    window, limit = _window(request), _limit(request)
+    window, limit = analytics_window(request.query_params), _limit(request)
     document = await db.fetch_drop_reasons(pool_of(request), window, trace_id, limit)
     return RawJsonResponse(document)
 

@@ -217,27 +217,22 @@ class TraceSummary(Struct):
     event_types: Raw
 
 
-class TraceFilters(Struct, kw_only=True):
-    """GET /v1/traces filters; None (or empty lists) means no filter."""
+class AnalyticsWindow(Struct, kw_only=True):
+    """Which events a query looks at (service, time range, metadata tags); None means any."""
 
     service: str | None = None
-    event_type: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     metadata_keys: list[str] = []
     metadata_values: list[str] = []
+
+
+class TraceFilters(AnalyticsWindow, kw_only=True):
+    """GET /v1/traces filters: the window's, plus these; None means no filter."""
+
+    event_type: str | None = None
     min_duration_ms: float | None = None
     has_error: bool | None = None
-
-
-class AnalyticsWindow(Struct, kw_only=True):
-    """Which decision events the analytics endpoints look at; None means any."""
-
-    service: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    metadata_keys: list[str] = []
-    metadata_values: list[str] = []
 
 
 class TraceDetail(TraceSummary):

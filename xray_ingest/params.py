@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from xray_ingest.errors import BadRequestError
-from xray_ingest.models import TraceFilters
+from xray_ingest.models import AnalyticsWindow, TraceFilters
 
 METADATA_PREFIX: Final = "metadata."
 # Keyset cursor for the first page: sorts after every stored trace.
@@ -110,17 +110,30 @@ def metadata_params(params: Mapping[str, str]) -> tuple[list[str], list[str]]:
     return keys, values
 
 
-def trace_filters(params: Mapping[str, str]) -> TraceFilters:
-    """The filters of GET /v1/traces."""
+def analytics_window(params: Mapping[str, str]) -> AnalyticsWindow:
+    """The `service`, `since`, `until` and `metadata.<key>` parameters."""
     keys, values = metadata_params(params)
-    min_duration = params.get("min_duration_ms")
-    return TraceFilters(
+    return AnalyticsWindow(
         service=text_param(params, "service"),
-        event_type=text_param(params, "event_type"),
         since=time_param(params, "since"),
         until=time_param(params, "until"),
         metadata_keys=keys,
         metadata_values=values,
+    )
+
+
+def trace_filters(params: Mapping[str, str]) -> TraceFilters:
+    """The filters of GET /v1/traces: the analytics window's, plus event_type,
+    min_duration_ms and has_error."""
+    window = analytics_window(params)
+    min_duration = params.get("min_duration_ms")
+    return TraceFilters(
+        service=window.service,
+        since=window.since,
+        until=window.until,
+        metadata_keys=window.metadata_keys,
+        metadata_values=window.metadata_values,
+        event_type=text_param(params, "event_type"),
         min_duration_ms=None
         if min_duration is None
         else float(int_param(params, "min_duration_ms", 0, 0, 2**31 - 1)),
