@@ -6,7 +6,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,19 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
+from benchmarks.common import free_port
 from tests import samples
 from tests.samples import dumps
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 ENV_TO_DROP = ("DATABASE_URL", "XRAY_TEST_DSN", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def request(
