@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from tests import samples
 from tests.samples import dumps
 from xray_ingest.app import create_app
+from xray_ingest.auth import KeyRing
 from xray_ingest.config import Settings
 
 
@@ -319,8 +320,16 @@ async def test_events_queued_at_shutdown_are_in_the_table_after(database_dsn: st
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nothing"
 
 
+def open_keyring() -> KeyRing:
+    """Keys as read before the database went away: none, so auth is off."""
+    keyring = KeyRing(always_required=False)
+    keyring.replace([])
+    return keyring
+
+
 def test_database_away_means_degraded_health_and_events_still_queued() -> None:
-    with TestClient(create_app(settings_for(UNREACHABLE, shutdown_timeout_s=0.1))) as client:
+    settings = settings_for(UNREACHABLE, shutdown_timeout_s=0.1)
+    with TestClient(create_app(settings, open_keyring())) as client:
         assert client.post("/v1/events", content=dumps(samples.custom())).status_code == 202
         health = client.get("/health").json()
         assert (health["status"], health["database"]) == ("degraded", "unreachable")
@@ -331,7 +340,7 @@ def test_full_queue_is_a_503_with_retry_after_and_takes_nothing() -> None:
     settings = settings_for(
         UNREACHABLE, queue_max_events=3, max_batch_events=3, shutdown_timeout_s=0.1
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings, open_keyring())) as client:
         assert client.post("/v1/events/batch", json=[samples.custom()] * 2).status_code == 202
         refused = client.post("/v1/events/batch", json=[samples.custom()] * 2)
         assert refused.status_code == 503
@@ -406,7 +415,7 @@ async def test_durable_batch_reports_the_row_the_database_refused(database_dsn: 
 
 def test_durable_request_past_its_deadline_is_a_503_with_retry_after() -> None:
     settings = settings_for(UNREACHABLE, durable_timeout_s=0.2, shutdown_timeout_s=0.1)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings, open_keyring())) as client:
         response = client.post("/v1/events?wait=true", content=dumps(samples.custom()))
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
@@ -455,14 +464,30 @@ def nested_list(levels: int) -> object:
     return value
 
 
-def test_ready_is_200_while_accepting_and_503_once_the_queue_is_full() -> None:
-    settings = settings_for(
-        UNREACHABLE, queue_max_events=2, max_batch_events=2, shutdown_timeout_s=0.1
-    )
-    with TestClient(create_app(settings)) as client:
+async def test_ready_is_200_while_accepting_and_503_once_the_queue_is_full(
+    database_dsn: str,
+) -> None:
+    settings = settings_for(database_dsn, queue_max_events=2, max_batch_events=2)
+    blocker = await asyncpg.connect(database_dsn)
+    try:
+        with TestClient(create_app(settings)) as client:
+            ready = client.get("/ready")
+            assert (ready.status_code, ready.json()["state"]) == (200, "accepting")
+            # A lock holds the flusher's COPY back, so the two events stay queued.
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+                client.post("/v1/events/batch", json=[samples.custom(), samples.custom()])
+                full = client.get("/ready")
+            assert (full.status_code, full.json()["state"]) == (503, "queue full")
+            assert full.json()["queue_events"] == 2
+    finally:
+        await blocker.close()
+    assert len(await stored_payloads(database_dsn)) == 2
+
+
+def test_ready_is_503_while_the_database_is_unreachable() -> None:
+    settings = settings_for(UNREACHABLE, shutdown_timeout_s=0.1)
+    with TestClient(create_app(settings, open_keyring())) as client:
         ready = client.get("/ready")
-        assert (ready.status_code, ready.json()["state"]) == (200, "accepting")
-        client.post("/v1/events/batch", json=[samples.custom(), samples.custom()])
-        full = client.get("/ready")
-        assert (full.status_code, full.json()["state"]) == (503, "queue full")
-        assert full.json()["queue_events"] == 2
+        assert (ready.status_code, ready.json()["state"]) == (503, "database unreachable")
+        assert client.post("/v1/events", content=dumps(samples.custom())).status_code == 202

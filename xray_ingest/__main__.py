@@ -1,21 +1,25 @@
-"""Command line: `xray-ingest serve|migrate` (also `python -m xray_ingest`)."""
+"""Command line: `xray-ingest serve|migrate|keys` (also `python -m xray_ingest`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from xray_ingest import keys
 from xray_ingest.config import Settings, load_settings
 from xray_ingest.embedded import start_embedded_postgres
 from xray_ingest.errors import XrayError
-from xray_ingest.logconfig import configure_logging
+from xray_ingest.logconfig import configure_logging, logging_config
 from xray_ingest.migrate import migrate
 
 
@@ -27,6 +31,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=settings.port)
     serve.add_argument("--workers", type=int, default=settings.workers)
     commands.add_parser("migrate", help="apply pending migrations")
+    keys.add_commands(commands)
     return parser
 
 
@@ -40,6 +45,16 @@ def _database(settings: Settings) -> tuple[Any, str]:
     return server, dsn
 
 
+def _share_metrics_between_workers(settings: Settings, workers: int) -> None:
+    """Several workers keep their metrics in files under PROMETHEUS_MULTIPROC_DIR, which
+    prometheus-client reads at import: so it is set here, before the workers start, to a fresh
+    folder removed at exit (stale files from an earlier run would add up wrongly)."""
+    if workers > 1 and settings.metrics_dir is None:
+        folder = tempfile.mkdtemp(prefix="xray-metrics-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+
+
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -51,15 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xray-ingest: {exc}", file=sys.stderr)
         return 2
     args = _parser(settings).parse_args(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         _server, dsn = _database(settings)
         if args.command == "migrate" or settings.database_url is None:
             asyncio.run(migrate(dsn))
+        if args.command == "keys":
+            return asyncio.run(keys.run(dsn, args))
     except XrayError as exc:
         print(f"xray-ingest: {exc}", file=sys.stderr)
         return 1
     if args.command == "serve":
+        _share_metrics_between_workers(settings, args.workers)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
         # previous handlers back. These turn it into a normal exit, so atexit handlers run
         # (they stop the embedded PostgreSQL) and Ctrl-C prints no traceback.
@@ -74,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             loop="uvloop",
             http="httptools",
             access_log=False,
+            log_config=logging_config(settings.log_level, settings.log_format),
             # No proxy in front by default; forwarded headers would cost every request.
             proxy_headers=False,
-            log_level=settings.log_level.lower(),
         )
     return 0
 

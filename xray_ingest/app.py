@@ -15,11 +15,14 @@ from typing import Any
 import asyncpg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from xray_ingest import analytics, db, routes
+from xray_ingest import analytics, db, metrics, openapi, routes
+from xray_ingest.auth import AuthMiddleware, KeyRing
 from xray_ingest.buffer import Buffer, Flusher
 from xray_ingest.config import Settings, load_settings
 from xray_ingest.errors import (
@@ -36,6 +39,7 @@ from xray_ingest.errors import (
 )
 from xray_ingest.migrate import pending_migrations
 from xray_ingest.models import ErrorBody, FieldError
+from xray_ingest.observe import ObserveMiddleware, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +81,22 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Says only that something failed, and the request id to find the details in the log:
+    exception texts can quote SQL, file paths or the payload."""
+    request_id = request_id_of(request.scope)
     logger.error(
-        "unhandled error on %s %s",
+        "unhandled error on %s %s (request %s)",
         request.method,
         request.url.path,
+        request_id,
         exc_info=exc,
-        extra={"action": "request"},
+        extra={"action": "request", "request_id": request_id},
     )
-    return _error(500, "internal server error")
+    return routes.MsgspecResponse(
+        ErrorBody("internal server error", request_id=request_id),
+        status_code=500,
+        headers={"X-Request-ID": request_id},
+    )
 
 
 async def _check_schema(pool: db.Pool) -> None:
@@ -125,13 +137,52 @@ def _refuse_new_events_on_signals(buffer: Buffer) -> None:
         signal.signal(signum, refuse_then_stop)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Builds the app; with no settings, loads them from the environment (uvicorn's factory)."""
+async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
+    try:
+        await keyring.refresh(pool)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        logger.warning(
+            "could not read API keys at start (%s); requests get 503 until they are read",
+            type(exc).__name__,
+            extra={"action": "auth"},
+        )
+
+
+def _middleware(settings: Settings, keyring: KeyRing) -> list[Middleware]:
+    """Outermost first: every request is observed; CORS answers preflights before auth."""
+    stack = [Middleware(ObserveMiddleware, access_log=settings.access_log)]
+    if settings.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=[
+                    "Authorization",
+                    "X-API-Key",
+                    "Content-Type",
+                    "Content-Encoding",
+                    "Prefer",
+                    "X-Request-ID",
+                ],
+                expose_headers=["X-Request-ID", "Retry-After"],
+                max_age=600,
+            )
+        )
+    stack.append(Middleware(AuthMiddleware, keyring=keyring))
+    return stack
+
+
+def create_app(settings: Settings | None = None, keyring: KeyRing | None = None) -> Starlette:
+    """Builds the app; with no settings, loads them from the environment (uvicorn's factory).
+    A keyring already loaded stands for one read before the database went away."""
     if settings is None:
         settings = load_settings()
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set")
     dsn = settings.database_url
+    if keyring is None:
+        keyring = KeyRing(always_required=settings.auth == "required")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -148,13 +199,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
             app.state.pool = pool
             app.state.buffer = buffer
+            await _load_keys(keyring, pool)
             flusher.start()
+            background = [
+                asyncio.create_task(keyring.refresh_forever(pool, settings.auth_refresh_s)),
+                asyncio.create_task(metrics.sample_forever(buffer, pool)),
+            ]
             _refuse_new_events_on_signals(buffer)
             logger.info("xray-ingest ready", extra={"action": "start"})
             try:
                 yield
             finally:
                 await flusher.stop(settings.shutdown_timeout_s)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
         finally:
             try:
                 await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
@@ -165,6 +224,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
+            Route("/metrics", routes.metrics_text, methods=["GET"]),
+            Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
             Route("/v1/events", routes.ingest_event, methods=["POST"]),
             Route("/v1/events", routes.list_trace_events, methods=["GET"]),
             Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
@@ -189,7 +250,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             XrayError: _internal_error,
             Exception: _internal_error,
         },
+        middleware=_middleware(settings, keyring),
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.keyring = keyring
     return app

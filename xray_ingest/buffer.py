@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from xray_ingest import metrics
 from xray_ingest.errors import QueueFullError, RejectedRowsError, ShuttingDownError
 from xray_ingest.models import Row
 
@@ -106,6 +107,7 @@ class Buffer:
         self.events += len(rows)
         self.bytes += size
         self.counters.accepted += len(rows)
+        metrics.EVENTS_ACCEPTED.inc(len(rows))
         self.queue.put_nowait(Chunk(rows, size, committed))
 
     def release(self, chunk: Chunk) -> None:
@@ -196,6 +198,7 @@ class Flusher:
             except Exception:
                 attempt += 1
                 self.buffer.counters.flush_errors += 1
+                metrics.COPY_ERRORS.inc()
                 delay = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
                 logger.exception(
                     "flush of %d events failed (attempt %d); retrying in %.2fs",
@@ -205,16 +208,16 @@ class Flusher:
                     extra={"action": "flush", "rows": len(rows), "attempt": attempt},
                 )
                 await asyncio.sleep(delay)
+                metrics.COPY_RETRIES.inc()
                 continue
+            seconds = time.perf_counter() - started
             self.buffer.counters.flushes += 1
+            metrics.FLUSH_EVENTS.observe(len(rows))
+            metrics.FLUSH_SECONDS.observe(seconds)
             logger.debug(
                 "flushed %d events",
                 len(rows),
-                extra={
-                    "action": "flush",
-                    "rows": len(rows),
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                },
+                extra={"action": "flush", "rows": len(rows), "ms": round(seconds * 1000, 2)},
             )
             return refused
 
@@ -225,10 +228,12 @@ class Flusher:
         try:
             stored = await self.sink.copy_events(rows)
         except RejectedRowsError as exc:
+            metrics.COPY_ERRORS.inc()
             if len(rows) == 1:
                 await self.sink.store_dead_letter(rows[0], str(exc))
                 refused[id(rows[0])] = str(exc)
                 counters.dead_lettered += 1
+                metrics.EVENTS_DEAD_LETTERED.inc()
                 logger.warning(
                     "dead-lettered one event the database refused: %s",
                     exc,
@@ -241,3 +246,5 @@ class Flusher:
             return
         counters.committed += stored
         counters.duplicates += len(rows) - stored
+        metrics.EVENTS_COMMITTED.inc(stored)
+        metrics.EVENTS_DUPLICATE.inc(len(rows) - stored)

@@ -13,6 +13,9 @@ from xray_ingest.errors import ConfigError
 # libpq's connection variables; asyncpg reads them itself when the DSN leaves a part out.
 _LIBPQ_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_LOG_FORMATS = ("text", "json")
+_AUTH_MODES = ("auto", "required")
+_SWITCHES = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 MIB = 1024 * 1024
 
 
@@ -39,6 +42,15 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     retry_after_s: int = 1
     log_level: str = "INFO"
+    log_format: str = "text"
+    access_log: bool = True
+    # auto: keys are required as soon as one active key exists; required: always.
+    auth: str = "auto"
+    auth_refresh_s: float = 5.0
+    # Origins allowed to call the API from a browser; empty: CORS off.
+    cors_origins: tuple[str, ...] = ()
+    # Set (PROMETHEUS_MULTIPROC_DIR) when several workers run: metrics are summed over them.
+    metrics_dir: Path | None = None
 
 
 _N = TypeVar("_N", int, float)
@@ -58,6 +70,30 @@ def _number(environ: Mapping[str, str], name: str, default: _N, minimum: _N) -> 
     if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name} must be >= {minimum}, got {raw}")
     return value
+
+
+def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (environ.get(name) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _switch(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() not in _SWITCHES:
+        raise ConfigError(f"{name} must be on or off, got {raw!r}")
+    return _SWITCHES[raw.lower()]
+
+
+def _origins(environ: Mapping[str, str]) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in environ.get("XRAY_CORS_ORIGINS", "").split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"XRAY_CORS_ORIGINS: {origin!r} is not an http(s) origin")
+    return origins
 
 
 def _database_url(environ: Mapping[str, str]) -> str | None:
@@ -100,6 +136,14 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         ),
         retry_after_s=_number(environ, "XRAY_RETRY_AFTER_S", defaults.retry_after_s, 0),
         log_level=log_level,
+        log_format=_choice(environ, "XRAY_LOG_FORMAT", defaults.log_format, _LOG_FORMATS),
+        access_log=_switch(environ, "XRAY_ACCESS_LOG", defaults.access_log),
+        auth=_choice(environ, "XRAY_AUTH", defaults.auth, _AUTH_MODES),
+        auth_refresh_s=_number(environ, "XRAY_AUTH_REFRESH_S", defaults.auth_refresh_s, 0.05),
+        cors_origins=_origins(environ),
+        metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"])
+        if environ.get("PROMETHEUS_MULTIPROC_DIR")
+        else None,
     )
     if settings.queue_max_events < settings.max_batch_events:
         raise ConfigError("XRAY_QUEUE_MAX_EVENTS must be >= XRAY_MAX_BATCH_EVENTS")

@@ -300,3 +300,30 @@ async def fetch_metadata_values(pool: Pool, field: str, event_type: str | None, 
     )
     assert document is not None
     return document
+
+
+# ---- API keys --------------------------------------------------------------------------------
+
+
+async def insert_api_key(
+    connection: Connection, name: str, scope: str, prefix: str, key_hash: bytes
+) -> asyncpg.Record:
+    """Stores a key's hash; returns its (id, created_at)."""
+    record = await connection.fetchrow(QUERIES["insert_api_key"], name, scope, prefix, key_hash)
+    assert record is not None
+    return record
+
+
+async def list_api_keys(connection: Connection) -> list[asyncpg.Record]:
+    return await connection.fetch(QUERIES["list_api_keys"])
+
+
+async def revoke_api_key(connection: Connection, key_id: int) -> bool:
+    """Revokes the key; False when no active key has that id."""
+    return await connection.fetchval(QUERIES["revoke_api_key"], key_id) is not None
+
+
+async def fetch_api_key_hashes(pool: Pool, timeout_s: float) -> list[asyncpg.Record]:
+    """Every key's (id, scope, key_hash, revoked); raises when the database does not answer."""
+    async with pool.acquire(timeout=timeout_s) as connection:
+        return await connection.fetch(QUERIES["fetch_api_key_hashes"], timeout=timeout_s)

@@ -183,6 +183,8 @@ class FieldError(Struct):
 class ErrorBody(Struct, omit_defaults=True):
     error: str
     errors: list[FieldError] = []
+    # On a 500 only: the id under which the log has the details.
+    request_id: str | None = None
 
 
 class EventAccepted(Struct):
@@ -259,6 +261,76 @@ class Health(Struct):
     database: str
     queue_events: int
     version: str
+    # open (no key needed: a warning says so), required, or unknown (keys not read yet).
+    auth: str
+    warnings: list[str]
+
+
+# ---- analytics answers -----------------------------------------------------------------------
+# SQL renders these documents itself (sql/queries/fetch_*.sql); the Structs describe them for the
+# OpenAPI document, and the tests check real answers against that description.
+
+
+class HighDropDecision(Struct):
+    trace_id: uuid.UUID
+    span_id: uuid.UUID
+    service: str | None
+    timestamp: datetime
+    input_count: int
+    output_count: int
+    drop_rate_percent: float
+    metadata: dict[str, Any] | None
+
+
+class HighDropTraces(Struct):
+    threshold: float
+    count: int
+    traces: list[HighDropDecision]
+
+
+class DropReason(Struct):
+    reason: str | None
+    total_count: int | None
+    affected_traces: int
+    occurrences: int
+    avg_percentage: float | None
+
+
+class DropReasons(Struct):
+    count: int
+    reasons: list[DropReason]
+
+
+class FunnelStep(Struct):
+    step: int
+    span_id: uuid.UUID
+    service: str | None
+    timestamp: datetime
+    input_count: int | None
+    output_count: int | None
+    drop_rate_percent: float | None
+    cumulative_drop_rate_percent: float | None
+    kept: list[Any]
+    dropped: list[Any]
+
+
+class Funnel(Struct):
+    trace_id: uuid.UUID
+    decision_count: int
+    initial_input: int | None
+    final_output: int | None
+    cumulative_drop_rate: float | None
+    funnel: list[FunnelStep]
+
+
+class MetadataValue(Struct):
+    value: Any
+    count: int
+
+
+class MetadataValues(Struct):
+    field: str
+    values: list[MetadataValue]
 
 
 # ---- decoding --------------------------------------------------------------------------------
@@ -327,6 +399,11 @@ _TAGS: Final[dict[type, str]] = {
     kind: str(kind.__struct_config__.tag)
     for kind in (LlmCallEvent, DecisionEvent, HttpRequestEvent)
 }
+
+
+def known_event_types() -> list[str]:
+    """The event_type values with a Struct of their own."""
+    return list(_TAGS.values())
 
 
 def _event_type(event: Event) -> str:

@@ -10,7 +10,8 @@ from asyncpg import Record
 from starlette.requests import Request
 from starlette.responses import Response
 
-from xray_ingest import __version__, db
+from xray_ingest import __version__, db, metrics
+from xray_ingest.auth import KeyRing
 from xray_ingest.bodies import read_body
 from xray_ingest.buffer import Buffer, Refusals
 from xray_ingest.config import Settings
@@ -41,6 +42,11 @@ NDJSON_TYPES: Final = ("application/x-ndjson", "application/ndjson", "applicatio
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
 HEALTH_TIMEOUT_S: Final = 2.0
+READY_TIMEOUT_S: Final = 1.0
+OPEN_AUTH_WARNING: Final = (
+    "auth is off: no API key exists, so anyone who can reach this server can read and write "
+    "events; create one with `xray-ingest keys create --name NAME --scope admin`"
+)
 # Deliberately without the database's own words (they can quote the payload or the schema).
 REFUSED: Final = "the database refused this event; it was kept in dead_letter_events"
 
@@ -138,6 +144,7 @@ async def ingest_event(request: Request) -> Response:
     try:
         row = decode_row(body, max_depth=_settings(request).max_depth)
     except InvalidEvent as exc:
+        metrics.EVENTS_REJECTED.inc()
         message = f"invalid event: {exc.message} at {exc.path}"
         return _invalid(message, [FieldError(exc.path, exc.message)])
     refused = await _enqueue(request, [row], len(body))
@@ -167,6 +174,8 @@ async def ingest_batch(request: Request) -> Response:
         )
     if not batch.ids:
         return _invalid("batch is empty", [FieldError("$.events", "no events in the batch")])
+    if batch.errors:
+        metrics.EVENTS_REJECTED.inc(len(batch.errors))
     refused = await _enqueue(request, batch.rows, batch.size) if batch.rows else None
     if refused:
         _mark_refused(batch, refused)
@@ -250,9 +259,11 @@ async def get_trace(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """GET /health: always 200 while the process runs; `status` says whether all is well."""
+    """GET /health: always 200 while the process runs (liveness); `status` says whether all is
+    well, and `warnings` says when auth is off."""
     database_time = await db.ping(pool_of(request), HEALTH_TIMEOUT_S)
     buffer = _buffer(request)
+    keyring: KeyRing = request.app.state.keyring
     ok = database_time is not None
     return MsgspecResponse(
         Health(
@@ -261,22 +272,40 @@ async def health(request: Request) -> Response:
             database="ok" if ok else "unreachable",
             queue_events=buffer.events,
             version=__version__,
+            auth=keyring.state,
+            warnings=[OPEN_AUTH_WARNING] if keyring.state == "open" else [],
         )
     )
 
 
+def _readiness_state(buffer: Buffer, database_ok: bool) -> str:
+    if buffer.closed:
+        return "shutting down"
+    if not database_ok:  # the cause of a full queue too, when both hold
+        return "database unreachable"
+    return "accepting" if buffer.is_ready() else "queue full"
+
+
 async def ready(request: Request) -> Response:
-    """GET /ready: 200 while new events are being accepted, else 503 (queue 90% full, or
-    shutting down). A database outage alone does not make it unready: events queue meanwhile."""
+    """GET /ready: 200 when the database answers and the queue has room, else 503 (database
+    unreachable, queue 90% full, or shutting down). Events posted directly still queue during
+    a database outage; this tells a load balancer to prefer another instance meanwhile."""
     buffer = _buffer(request)
-    accepting = buffer.is_ready()
-    state = "accepting" if accepting else ("shutting down" if buffer.closed else "queue full")
+    database_ok = await db.ping(pool_of(request), READY_TIMEOUT_S) is not None
+    state = _readiness_state(buffer, database_ok)
     readiness = Readiness(
-        ready=accepting,
+        ready=state == "accepting",
         state=state,
         queue_events=buffer.events,
         queue_bytes=buffer.bytes,
         queue_max_events=buffer.max_events,
         queue_max_bytes=buffer.max_bytes,
     )
-    return MsgspecResponse(readiness, status_code=200 if accepting else 503)
+    return MsgspecResponse(readiness, status_code=200 if readiness.ready else 503)
+
+
+async def metrics_text(request: Request) -> Response:
+    """GET /metrics: every metric in Prometheus' text format."""
+    metrics.sample(_buffer(request), pool_of(request))
+    body = metrics.exposition(multiprocess=_settings(request).metrics_dir is not None)
+    return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -1,0 +1,95 @@
+"""The Prometheus metrics and their text exposition, across worker processes when there are
+several (prometheus-client's multiprocess mode, on when PROMETHEUS_MULTIPROC_DIR is set)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:  # the buffer counts into these metrics, so no import at run time
+    from xray_ingest.buffer import Buffer
+    from xray_ingest.db import Pool
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+SAMPLE_INTERVAL_S: Final = 1.0
+
+_LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+REQUESTS: Final = Counter(
+    "xray_http_requests", "HTTP requests answered", ["route", "method", "status"]
+)
+REQUEST_SECONDS: Final = Histogram(
+    "xray_http_request_duration_seconds",
+    "Time from request start to the end of the response",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+EVENTS_ACCEPTED: Final = Counter("xray_events_accepted", "Events queued (acknowledged)")
+EVENTS_REJECTED: Final = Counter("xray_events_rejected", "Events refused as invalid (400)")
+EVENTS_COMMITTED: Final = Counter("xray_events_committed", "Events committed to the database")
+EVENTS_DUPLICATE: Final = Counter(
+    "xray_events_duplicate", "Events skipped because the same event was already stored"
+)
+EVENTS_DEAD_LETTERED: Final = Counter(
+    "xray_events_dead_lettered", "Events the database refused, kept in dead_letter_events"
+)
+QUEUE_EVENTS: Final = Gauge(
+    "xray_queue_events", "Events queued and not yet committed", multiprocess_mode="livesum"
+)
+QUEUE_BYTES: Final = Gauge(
+    "xray_queue_bytes", "Bytes of events queued and not yet committed", multiprocess_mode="livesum"
+)
+FLUSH_EVENTS: Final = Histogram(
+    "xray_flush_batch_events", "Events per committed COPY batch", buckets=_BATCH_BUCKETS
+)
+FLUSH_SECONDS: Final = Histogram(
+    "xray_flush_duration_seconds", "Time to COPY and commit one batch", buckets=_LATENCY_BUCKETS
+)
+COPY_ERRORS: Final = Counter(
+    "xray_copy_errors", "COPY attempts that failed (database down, or a row it refused)"
+)
+COPY_RETRIES: Final = Counter("xray_copy_retries", "Batches written again after a backoff")
+POOL_CONNECTIONS: Final = Gauge(
+    "xray_db_pool_connections", "Open database connections", multiprocess_mode="livesum"
+)
+POOL_IN_USE: Final = Gauge(
+    "xray_db_pool_in_use", "Database connections checked out", multiprocess_mode="livesum"
+)
+
+
+def sample(buffer: Buffer, pool: Pool) -> None:
+    """Sets the gauges from this process's queue and pool."""
+    QUEUE_EVENTS.set(buffer.events)
+    QUEUE_BYTES.set(buffer.bytes)
+    size = pool.get_size()
+    POOL_CONNECTIONS.set(size)
+    POOL_IN_USE.set(size - pool.get_idle_size())
+
+
+async def sample_forever(buffer: Buffer, pool: Pool) -> None:
+    """Keeps the gauges current, so a scrape answered by another worker sees this one's."""
+    while True:
+        sample(buffer, pool)
+        await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+
+def exposition(multiprocess: bool) -> bytes:
+    """The text exposition of every metric; with multiprocess, summed over the worker processes
+    (whose values prometheus-client keeps in files under PROMETHEUS_MULTIPROC_DIR)."""
+    if multiprocess:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
