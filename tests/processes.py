@@ -26,14 +26,24 @@ ENV_TO_DROP = ("DATABASE_URL", "XRAY_TEST_DSN", "PGHOST", "PGPORT", "PGUSER", "P
 
 
 def request(
-    port: int, path: str, body: bytes | None = None, timeout_s: float = 10
+    port: int,
+    path: str,
+    body: bytes | None = None,
+    timeout_s: float = 10,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def request_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        text: str = response.read().decode()
+        return text
 
 
 class Server:

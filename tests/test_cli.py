@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +16,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.processes import Server, base_env, post_batches, request
+from tests import samples
+from tests.processes import Server, base_env, post_batches, request, request_text
+from tests.samples import dumps
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -64,3 +71,67 @@ def test_serve_without_database_url_runs_a_persistent_embedded_postgres(data_dir
     second.stop()
     assert status == 200
     assert {event["span_id"] for event in body["events"]} == sent
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xray_ingest", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_keys_commands_create_list_and_revoke_for_a_running_server(database_dsn: str) -> None:
+    env = base_env(DATABASE_URL=database_dsn, XRAY_AUTH_REFRESH_S="0.2")
+    created = run_cli(env, "keys", "create", "--name", "pipeline-a", "--scope", "ingest")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("xr_") and "\n" not in key
+    assert "created key 1" in created.stderr and "not shown again" in created.stderr
+
+    listed = run_cli(env, "keys", "list")
+    assert listed.returncode == 0
+    assert "pipeline-a" in listed.stdout and "ingest" in listed.stdout
+    assert key[:8] in listed.stdout and key not in listed.stdout
+
+    server = Server(env)
+    event = dumps(samples.custom())
+    auth = {"Authorization": f"Bearer {key}"}
+    assert request(server.port, "/v1/events", event, headers=auth)[0] == 202
+    assert request(server.port, "/v1/traces", headers=auth)[0] == 403
+    assert request(server.port, "/v1/events", event)[0] == 401
+
+    revoked = run_cli(env, "keys", "revoke", "1")
+    assert revoked.returncode == 0 and "revoked key 1" in revoked.stdout
+    deadline = time.monotonic() + 5
+    while request(server.port, "/v1/events", event, headers=auth)[0] != 401:
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(0.05)
+    server.stop()
+    assert "revoked" in run_cli(env, "keys", "list").stdout.splitlines()[0]
+    assert run_cli(env, "keys", "revoke", "1").returncode == 1  # not active any more
+    assert run_cli(env, "keys", "create", "--name", "x", "--scope", "root").returncode == 2
+
+
+def test_two_workers_log_json_and_report_metrics_summed_over_both(database_dsn: str) -> None:
+    env = base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="2", XRAY_LOG_FORMAT="json")
+    server = Server(env)
+    trace_id = str(uuid.uuid4())
+    posted = 0
+    # Each request opens a new connection; the kernel spreads them over both workers.
+    for _ in range(40):
+        posted += len(post_batches(server.port, trace_id, batches=1, size=5))
+    scrapes = [request_text(server.port, "/metrics") for _ in range(10)]
+    output = server.stop()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    posting_pids = {
+        line["pid"]
+        for line in lines
+        if line.get("action") == "access" and line["route"] == "/v1/events/batch"
+    }
+    assert len(posting_pids) == 2, "both workers should have taken events"
+    for text in scrapes:
+        match = re.search(r"^xray_events_accepted_total (\S+)$", text, re.MULTILINE)
+        assert match and float(match.group(1)) == posted

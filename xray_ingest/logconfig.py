@@ -15,8 +15,8 @@ TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the record's `extra` fields,
-    and the traceback (as text) when there is one."""
+    """One JSON object per line: time, level, logger, message, process id, the record's `extra`
+    fields, and the traceback (as text) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -24,6 +24,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         for name, value in vars(record).items():
             if name not in _RECORD_FIELDS and not name.startswith("_"):

@@ -61,7 +61,10 @@ class ObserveMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, request_id)]
+                headers = message.get("headers", ())
+                # A 500 names its request id itself (it can also be sent from further out).
+                if all(name != REQUEST_ID_HEADER for name, _ in headers):
+                    message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
             await send(message)
 
         try:

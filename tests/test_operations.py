@@ -1,0 +1,318 @@
+"""What an operator sees: safe 500s with a request id, access logs (JSON too), Prometheus
+metrics, CORS, and the OpenAPI document checked against real requests and answers."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from tests import samples
+from tests.samples import dumps
+from tests.test_routes import settings_for, wait_until_stored
+from xray_ingest import db
+from xray_ingest.app import create_app
+from xray_ingest.errors import XrayError
+from xray_ingest.logconfig import JsonFormatter
+from xray_ingest.openapi import OPERATIONS, openapi_json
+
+SECRET = "SELECT prompt FROM events WHERE x = 'leak' -- /srv/xray/db.py line 12"
+
+
+@pytest.fixture
+def client(database_dsn: str) -> Iterator[TestClient]:
+    app = create_app(settings_for(database_dsn))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError(SECRET), XrayError(SECRET), OSError(SECRET)])
+def test_a_500_says_only_that_something_failed_and_the_request_id(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+) -> None:
+    async def failing(*args: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(db, "fetch_traces_page", failing)
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/v1/traces")
+    assert response.status_code == 500
+    body = response.json()
+    assert set(body) == {"error", "request_id"}
+    assert body["error"] == "internal server error"
+    assert "leak" not in response.text and "Traceback" not in response.text
+    assert response.headers["X-Request-ID"] == body["request_id"]
+    logged = [r for r in caplog.records if getattr(r, "request_id", None) == body["request_id"]]
+    assert logged and logged[0].exc_info is not None  # the details are in the log
+
+
+def test_every_response_carries_a_request_id_and_keeps_a_plain_one_from_the_caller(
+    client: TestClient,
+) -> None:
+    first, second = client.get("/health"), client.get("/health")
+    assert re.fullmatch(r"[0-9a-f]{16}", first.headers["X-Request-ID"])
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+    kept = client.get("/health", headers={"X-Request-ID": "lb-1234.abc"})
+    assert kept.headers["X-Request-ID"] == "lb-1234.abc"
+    replaced = client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert replaced.headers["X-Request-ID"] != "bad id\twith spaces"
+
+
+# ---- logs ------------------------------------------------------------------------------------
+
+
+def test_one_access_line_per_request_without_payload_query_or_key(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = samples.llm_call()
+    with caplog.at_level(logging.INFO, logger="xray_ingest.access"):
+        response = client.post(
+            "/v1/events?secret_query=1",
+            content=dumps(event),
+            headers={"Authorization": "Bearer xr_not_a_real_key"},
+        )
+        client.get("/v1/nothing-here")
+    lines = [r for r in caplog.records if r.name == "xray_ingest.access"]
+    assert len(lines) == 2
+    access = lines[0]
+    fields = {k: getattr(access, k) for k in ("request_id", "method", "route", "status")}
+    assert fields == {
+        "request_id": response.headers["X-Request-ID"],
+        "method": "POST",
+        "route": "/v1/events",
+        "status": 202,
+    }
+    assert access.ms >= 0
+    assert (lines[1].route, lines[1].status) == ("unmatched", 404)  # type: ignore[attr-defined]
+    text = JsonFormatter().format(access) + access.getMessage()
+    for secret in ("secret_query", "xr_not_a_real_key", event["input"]["raw_prompt"]):
+        assert secret not in text
+
+
+def test_json_log_lines_carry_the_extra_fields_and_the_traceback() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("xray_ingest.test_json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("flushed %d events", 3, extra={"action": "flush", "rows": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed", extra={"request_id": "abc"})
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert {k: first[k] for k in ("level", "logger", "message", "action", "rows")} == {
+        "level": "WARNING",
+        "logger": "xray_ingest.test_json",
+        "message": "flushed 3 events",
+        "action": "flush",
+        "rows": 3,
+    }
+    assert first["time"].endswith("+00:00")
+    assert second["request_id"] == "abc" and "ValueError: boom" in second["exception"]
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in a Prometheus text exposition; 0 when it is not there yet."""
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
+    match = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for_metric(client: TestClient, name: str, value: float) -> str:
+    deadline = time.monotonic() + 5
+    while True:
+        text = client.get("/metrics").text
+        if metric(text, name) >= value or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
+
+
+def test_metrics_count_requests_events_and_flushes(client: TestClient) -> None:
+    # Metrics belong to the process, so earlier tests count too: compare before and after.
+    before = client.get("/metrics").text
+    good = [samples.custom() for _ in range(5)]
+    batch = client.post("/v1/events/batch", content=dumps([*good, {"event_type": "x"}]))
+    assert batch.status_code == 207
+    client.post("/v1/events", content=b'{"trace_id": "nope"}')
+    client.get(f"/v1/events/{uuid.uuid4()}")
+    committed = metric(before, "xray_events_committed_total") + 5
+    after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = wait_for_metric(client, "xray_events_committed_total", committed)
+
+    def grew(name: str, labels: str = "") -> float:
+        return metric(text, name, labels) - metric(before, name, labels)
+
+    assert grew("xray_events_accepted_total") == 5
+    assert grew("xray_events_rejected_total") == 2
+    assert grew("xray_events_committed_total") == 5
+    assert grew("xray_http_requests_total", 'method="POST",route="/v1/events/batch",status="207"')
+    assert grew("xray_http_requests_total", 'method="POST",route="/v1/events",status="400"') == 1
+    not_found = 'method="GET",route="/v1/events/{span_id}",status="404"'
+    assert grew("xray_http_requests_total", not_found) == 1
+    latency = 'le="+Inf",route="/v1/events/batch"'
+    assert grew("xray_http_request_duration_seconds_bucket", latency) == 1
+    assert grew("xray_flush_batch_events_count") >= 1
+    assert grew("xray_flush_duration_seconds_count") >= 1
+    assert grew("xray_flush_batch_events_sum") == 5
+    assert metric(text, "xray_db_pool_connections") >= 1
+    for name in ("queue_events", "queue_bytes", "db_pool_in_use", "copy_errors_total"):
+        assert f"\nxray_{name} " in text
+    for name in ("copy_retries_total", "events_dead_lettered_total", "events_duplicate_total"):
+        assert f"\nxray_{name} " in text
+
+
+def test_unknown_methods_do_not_make_new_metric_labels(client: TestClient) -> None:
+    client.request("BREW", "/v1/events")
+    assert 'method="BREW"' not in client.get("/metrics").text
+
+
+# ---- CORS ------------------------------------------------------------------------------------
+
+
+def test_cors_is_off_by_default(client: TestClient) -> None:
+    response = client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
+    preflight = client.options(
+        "/v1/events",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_allows_only_the_configured_origins(database_dsn: str) -> None:
+    settings = settings_for(database_dsn, cors_origins=("https://ui.example",))
+    with TestClient(create_app(settings)) as client:
+        allowed = client.options(
+            "/v1/events",
+            headers={
+                "Origin": "https://ui.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "Authorization, Content-Type",
+            },
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
+        denied = client.options(
+            "/v1/events",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert denied.status_code == 400
+        simple = client.get("/health", headers={"Origin": "https://ui.example"})
+        assert simple.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+# ---- OpenAPI ---------------------------------------------------------------------------------
+
+
+def document() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(openapi_json())
+    return loaded
+
+
+def schema_validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """Validates against a schema of the document, its $refs resolved within the document."""
+    return jsonschema.Draft202012Validator({**schema, "components": document()["components"]})
+
+
+def request_schema(method: str, path: str, media: str = "application/json") -> dict[str, Any]:
+    schema: dict[str, Any] = document()["paths"][path][method]["requestBody"]["content"][media][
+        "schema"
+    ]
+    return schema
+
+
+def response_schema(method: str, path: str, status: int) -> dict[str, Any]:
+    answer = document()["paths"][path][method]["responses"][str(status)]
+    schema: dict[str, Any] = answer["content"]["application/json"]["schema"]
+    return schema
+
+
+def test_the_document_is_valid_openapi_3_1_and_names_every_route(client: TestClient) -> None:
+    served = client.get("/openapi.json").json()
+    assert served == document()
+    assert served["openapi"].startswith("3.1")
+    validate(served)
+    routes = {
+        (method.lower(), route.path)
+        for route in client.app.routes  # type: ignore[attr-defined]
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    documented = {(m, p) for p, item in served["paths"].items() for m in item}
+    assert routes == documented
+    assert {(op.method, op.path) for op in OPERATIONS} == documented
+
+
+def test_sample_events_validate_and_bad_ones_do_not() -> None:
+    event = schema_validator(request_schema("post", "/v1/events"))
+    batch = schema_validator(request_schema("post", "/v1/events/batch"))
+    good = [samples.llm_call(), samples.decision(), samples.custom(), samples.http_request()]
+    for sample in good:
+        event.validate(sample)
+    batch.validate(good)
+    batch.validate({"events": good})
+    bad_confidence = samples.llm_call()
+    bad_confidence["reasoning"]["confidence"] = 2
+    bad_count = samples.decision()
+    bad_count["decision"]["input_count"] = -1
+    no_trace = samples.custom()
+    del no_trace["trace_id"]
+    for bad in (bad_confidence, bad_count, no_trace, {"event_type": "x"}, [], "text"):
+        assert not event.is_valid(bad), bad
+    assert not batch.is_valid({"events": [bad_confidence]})
+
+
+def test_real_answers_validate_against_their_documented_schemas(client: TestClient) -> None:
+    events = [samples.decision(), samples.llm_call()]
+    trace_id = events[0]["trace_id"]
+    cases: list[tuple[str, str, int, Any]] = [
+        ("post", "/v1/events/batch", 202, client.post("/v1/events/batch", json=events)),
+        ("post", "/v1/events", 400, client.post("/v1/events", content=b"{}")),
+    ]
+    wait_until_stored(client, trace_id, len(events))
+    gets = {
+        "/health": "/health",
+        "/ready": "/ready",
+        "/v1/events": f"/v1/events?trace_id={trace_id}",
+        "/v1/events/{span_id}": f"/v1/events/{events[0]['span_id']}",
+        "/v1/traces": "/v1/traces",
+        "/v1/traces/{trace_id}": f"/v1/traces/{trace_id}",
+        "/v1/analytics/high-drop-traces": "/v1/analytics/high-drop-traces?threshold=0",
+        "/v1/analytics/drop-reasons": "/v1/analytics/drop-reasons",
+        "/v1/analytics/funnel-stats": f"/v1/analytics/funnel-stats?trace_id={trace_id}",
+        "/v1/analytics/metadata-values": "/v1/analytics/metadata-values?field=domain",
+    }
+    cases += [("get", path, 200, client.get(url)) for path, url in gets.items()]
+    for method, path, status, response in cases:
+        assert response.status_code == status, (path, response.text)
+        body = response.json()
+        schema_validator(response_schema(method, path, status)).validate(body)
+        if path.startswith("/v1/analytics") and path != "/v1/analytics/metadata-values":
+            assert body != {} and any(body.values())  # not an empty answer that fits anything
