@@ -99,7 +99,7 @@ def test_one_access_line_per_request_without_payload_query_or_key(
         "route": "/v1/events",
         "status": 202,
     }
-    assert access.ms >= 0
+    assert access.ms >= 0  # type: ignore[attr-defined]
     assert (lines[1].route, lines[1].status) == ("unmatched", 404)  # type: ignore[attr-defined]
     text = JsonFormatter().format(access) + access.getMessage()
     for secret in ("secret_query", "xr_not_a_real_key", event["input"]["raw_prompt"]):
@@ -284,7 +284,8 @@ def test_sample_events_validate_and_bad_ones_do_not() -> None:
     bad_count["decision"]["input_count"] = -1
     no_trace = samples.custom()
     del no_trace["trace_id"]
-    for bad in (bad_confidence, bad_count, no_trace, {"event_type": "x"}, [], "text"):
+    bad_ones: list[Any] = [bad_confidence, bad_count, no_trace, {"event_type": "x"}, [], "text"]
+    for bad in bad_ones:
         assert not event.is_valid(bad), bad
     assert not batch.is_valid({"events": [bad_confidence]})
 
