@@ -78,32 +78,50 @@ def test_every_response_carries_a_request_id_and_keeps_a_plain_one_from_the_call
 # ---- logs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_one_access_line_per_request_without_payload_query_or_key(
-    client: TestClient, caplog: pytest.LogCaptureFixture
+    database_dsn: str, capsys: pytest.CaptureFixture[str], log_format: str
 ) -> None:
     event = samples.llm_call()
-    with caplog.at_level(logging.INFO, logger="xray_ingest.access"):
+    capsys.readouterr()
+    with TestClient(create_app(settings_for(database_dsn, log_format=log_format))) as client:
         response = client.post(
             "/v1/events?secret_query=1",
             content=dumps(event),
             headers={"Authorization": "Bearer xr_not_a_real_key"},
         )
         client.get("/v1/nothing-here")
-    lines = [r for r in caplog.records if r.name == "xray_ingest.access"]
+    request_id = response.headers["X-Request-ID"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "xray_ingest.access" in line]
     assert len(lines) == 2
-    access = lines[0]
-    fields = {k: getattr(access, k) for k in ("request_id", "method", "route", "status")}
-    assert fields == {
-        "request_id": response.headers["X-Request-ID"],
-        "method": "POST",
-        "route": "/v1/events",
-        "status": 202,
-    }
-    assert access.ms >= 0  # type: ignore[attr-defined]
-    assert (lines[1].route, lines[1].status) == ("unmatched", 404)  # type: ignore[attr-defined]
-    text = JsonFormatter().format(access) + access.getMessage()
-    for secret in ("secret_query", "xr_not_a_real_key", event["input"]["raw_prompt"]):
-        assert secret not in text
+    if log_format == "json":
+        first, second = (json.loads(line) for line in lines)
+        fields = {k: first[k] for k in ("request_id", "method", "route", "status", "logger")}
+        assert fields == {
+            "request_id": request_id,
+            "method": "POST",
+            "route": "/v1/events",
+            "status": 202,
+            "logger": "xray_ingest.access",
+        }
+        assert first["ms"] >= 0 and first["time"].endswith("+00:00")
+        assert (second["route"], second["status"]) == ("unmatched", 404)
+    else:
+        assert re.search(
+            rf" INFO xray_ingest.access: POST /v1/events 202 [0-9.]+ms request_id={request_id}$",
+            lines[0],
+        )
+        assert " GET unmatched 404 " in lines[1]
+    for secret in ("secret_query", "xr_not_a_real_key", event["input"]["raw_prompt"][:20]):
+        assert secret not in "\n".join(lines)
+
+
+def test_access_lines_can_be_turned_off(
+    database_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with TestClient(create_app(settings_for(database_dsn, access_log=False))) as client:
+        client.get("/health")
+    assert "xray_ingest.access" not in capsys.readouterr().err
 
 
 def test_json_log_lines_carry_the_extra_fields_and_the_traceback() -> None:

@@ -39,7 +39,7 @@ from xray_ingest.errors import (
 )
 from xray_ingest.migrate import pending_migrations
 from xray_ingest.models import ErrorBody, FieldError
-from xray_ingest.observe import ObserveMiddleware, request_id_of
+from xray_ingest.observe import AccessLog, ObserveMiddleware, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +148,11 @@ async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
         )
 
 
-def _middleware(settings: Settings, keyring: KeyRing) -> list[Middleware]:
+def _middleware(
+    settings: Settings, keyring: KeyRing, access_log: AccessLog | None
+) -> list[Middleware]:
     """Outermost first: every request is observed; CORS answers preflights before auth."""
-    stack = [Middleware(ObserveMiddleware, access_log=settings.access_log)]
+    stack = [Middleware(ObserveMiddleware, access_log=access_log)]
     if settings.cors_origins:
         stack.append(
             Middleware(
@@ -183,6 +185,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
     dsn = settings.database_url
     if keyring is None:
         keyring = KeyRing(always_required=settings.auth == "required")
+    access_log = AccessLog(settings.log_format) if settings.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -205,6 +208,8 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
                 asyncio.create_task(keyring.refresh_forever(pool, settings.auth_refresh_s)),
                 asyncio.create_task(metrics.sample_forever(buffer, pool)),
             ]
+            if access_log is not None:
+                background.append(asyncio.create_task(access_log.flush_forever()))
             _refuse_new_events_on_signals(buffer)
             logger.info("xray-ingest ready", extra={"action": "start"})
             try:
@@ -250,7 +255,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             XrayError: _internal_error,
             Exception: _internal_error,
         },
-        middleware=_middleware(settings, keyring),
+        middleware=_middleware(settings, keyring, access_log),
         lifespan=lifespan,
     )
     app.state.settings = settings
