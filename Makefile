@@ -26,10 +26,11 @@ run: $(INSTALLED)  ## serve on 127.0.0.1:8000 (no DATABASE_URL: embedded Postgre
 test: $(INSTALLED)  ## run the tests (XRAY_TEST_DSN/DATABASE_URL, else a throwaway PostgreSQL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(INSTALLED)  ## ingest vs. the raw COPY ceiling; dedup cost; time until an event is readable
+bench: $(INSTALLED)  ## ingest vs. the raw COPY ceiling; dedup cost; time until readable; metrics cost
 	$(BIN)/python -m benchmarks.bench_ingest $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_dedupe
 	$(BIN)/python -m benchmarks.bench_visibility
+	$(BIN)/python -m benchmarks.bench_overhead
 
 bench-queries: $(INSTALLED)  ## query latencies on 2M seeded events; what each index costs ingest
 	$(BIN)/python -m benchmarks.bench_queries $(BENCH_ARGS)

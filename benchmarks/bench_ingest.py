@@ -100,11 +100,12 @@ async def drive(
     connections: int,
     query: str = "",
     keep_rows: bool = False,
+    server: ServerProcess | None = None,
 ) -> Result:
-    """Posts every event through a fresh server and waits until all are committed; then
-    empties the table unless keep_rows."""
+    """Posts every event through a fresh server (or the one given, which is stopped after) and
+    waits until all are committed; then empties the table unless keep_rows."""
     stored_before = await count_events(dsn)
-    server = ServerProcess(dsn)
+    server = server or ServerProcess(dsn)
     try:
         await server.wait_ready()
         bodies = request_bodies(encoded, batch_size)

@@ -130,13 +130,14 @@ def free_port() -> int:
 class ServerProcess:
     """`xray-ingest serve` with default settings (as a user starts it) on a free port."""
 
-    def __init__(self, dsn: str, **env: str) -> None:
+    def __init__(self, dsn: str, cwd: Path = PROJECT_DIR, **env: str) -> None:
+        """cwd: the checkout whose xray_ingest runs (`python -m` imports from there first)."""
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "xray_ingest", "serve", "--port", str(self.port)],
             env={**os.environ, "DATABASE_URL": dsn, **env},
-            cwd=PROJECT_DIR,
+            cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

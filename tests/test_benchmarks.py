@@ -74,3 +74,22 @@ def test_visibility_benchmark_sees_every_probe(server_dsn: str) -> None:
     result = json.loads(run_benchmark(server_dsn, *args).strip().splitlines()[-1])
     assert result["probes"] > 0
     assert result["visibility_p50_ms"] > 0
+
+
+def test_overhead_benchmark_compares_a_checkout_with_this_one(server_dsn: str) -> None:
+    (RESULTS / "overhead-smoke.json").unlink(missing_ok=True)
+    args = (
+        "--events",
+        "1000",
+        "--rounds",
+        "1",
+        "--before",
+        "HEAD",
+        "--output",
+        "overhead-smoke.json",
+    )
+    run_benchmark(server_dsn, "benchmarks.bench_overhead", *args)
+    report = json.loads((RESULTS / "overhead-smoke.json").read_text())
+    assert len(report["runs"]) == 9  # 3 scenarios x 3 variants
+    assert all(run["committed_events_per_s"] > 0 for run in report["runs"])
+    assert {row["ratio_to_before"] for row in report["table"][::3]} == {1.0}
