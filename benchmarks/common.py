@@ -127,6 +127,28 @@ def free_port() -> int:
         return port
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and every live descendant of it."""
+    pids = [pid]
+    for parent in pids:  # grows while it is walked
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(child) for child in task.read_text().split()]
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float:
+    """One process's peak resident memory so far (VmHWM), in MiB; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class ServerProcess:
     """`xray-ingest serve` with default settings (as a user starts it) on a free port."""
 
@@ -160,12 +182,9 @@ class ServerProcess:
             await asyncio.sleep(0.1)
 
     def peak_rss_mib(self) -> float:
-        """The server's peak resident memory so far (VmHWM), in MiB."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Peak resident memory (VmHWM) in MiB, summed over the server and its worker processes.
+        An upper bound when there are workers: their peaks need not have come at the same time."""
+        return sum(peak_rss_mib(pid) for pid in process_tree(self.process.pid))
 
     def output(self) -> str:
         self.log.seek(0)

@@ -16,9 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
-from benchmarks.common import free_port
+from benchmarks.common import free_port, peak_rss_mib, process_tree
 from tests import samples
 from tests.samples import dumps
+from xray_ingest.config import default_workers
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -65,16 +66,19 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        workers = int(env.get("XRAY_WORKERS") or default_workers())
         deadline = time.monotonic() + 60
-        while True:
+        # Up when every worker has started (each logs it), not only the first to answer.
+        while self.log_text().count("Application startup complete") < workers:
             assert self.process.poll() is None, self.output()
-            try:
-                if request(self.port, "/health", timeout_s=1)[0] == 200:
-                    return
-            except OSError:
-                pass
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
+        assert request(self.port, "/health", timeout_s=5)[0] == 200
+
+    def log_text(self) -> str:
+        """The log so far. pread leaves the file offset alone: the server writes at it."""
+        fd = self.log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, group: bool = False) -> str:
         if group:
@@ -86,11 +90,8 @@ class Server:
         return output
 
     def peak_rss_mib(self) -> float:
-        """The process's peak resident memory so far (VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmHWM")
+        """Peak resident memory (VmHWM), summed over the server and its workers."""
+        return sum(peak_rss_mib(pid) for pid in process_tree(self.process.pid))
 
     def output(self, timeout_s: float = 0) -> str:
         """Waits up to timeout_s for the process to exit (then kills it) and returns its log."""

@@ -77,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xray-ingest: {exc}", file=sys.stderr)
         return 1
     if args.command == "serve":
+        # Each worker builds its settings from the environment: the same worker count gives
+        # each the same share of the queue bounds (checked here, before any worker starts).
+        os.environ["XRAY_WORKERS"] = str(args.workers)
+        try:
+            settings = load_settings()
+        except XrayError as exc:
+            print(f"xray-ingest: {exc}", file=sys.stderr)
+            return 2
         _share_metrics_between_workers(settings, args.workers)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
         # previous handlers back. These turn it into a normal exit, so atexit handlers run

@@ -17,6 +17,8 @@ _LOG_FORMATS = ("text", "json")
 _AUTH_MODES = ("auto", "required")
 _SWITCHES = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 MIB = 1024 * 1024
+# Unset XRAY_WORKERS: one worker per core, up to this many (each holds its own connections).
+MAX_DEFAULT_WORKERS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,8 @@ class Settings:
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # load_settings() defaults this to default_workers(); the queue bounds below are per worker
+    # (XRAY_QUEUE_MAX_* give the server's totals, shared out among the workers).
     workers: int = 1
     data_dir: Path = Path(".xray")
     queue_max_events: int = 100_000
@@ -107,9 +111,15 @@ def _database_url(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def default_workers() -> int:
+    """One worker per core this process may run on, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS))
+
+
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """Builds Settings from the environment; raises ConfigError naming a malformed variable."""
     defaults = Settings()
+    workers = _number(environ, "XRAY_WORKERS", default_workers(), 1)
     log_level = environ.get("XRAY_LOG_LEVEL", defaults.log_level).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"XRAY_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
@@ -117,10 +127,12 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         database_url=_database_url(environ),
         host=environ.get("XRAY_HOST") or defaults.host,
         port=_number(environ, "XRAY_PORT", defaults.port, 0),
-        workers=_number(environ, "XRAY_WORKERS", defaults.workers, 1),
+        workers=workers,
         data_dir=Path(environ.get("XRAY_DATA_DIR") or defaults.data_dir),
-        queue_max_events=_number(environ, "XRAY_QUEUE_MAX_EVENTS", defaults.queue_max_events, 1),
-        queue_max_bytes=_number(environ, "XRAY_QUEUE_MAX_BYTES", defaults.queue_max_bytes, 1),
+        queue_max_events=_number(environ, "XRAY_QUEUE_MAX_EVENTS", defaults.queue_max_events, 1)
+        // workers,
+        queue_max_bytes=_number(environ, "XRAY_QUEUE_MAX_BYTES", defaults.queue_max_bytes, 1)
+        // workers,
         flush_max_events=_number(environ, "XRAY_FLUSH_MAX_EVENTS", defaults.flush_max_events, 1),
         flush_interval_ms=_number(environ, "XRAY_FLUSH_INTERVAL_MS", defaults.flush_interval_ms, 0),
         copy_connections=_number(environ, "XRAY_COPY_CONNECTIONS", defaults.copy_connections, 1),
@@ -146,7 +158,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         else None,
     )
     if settings.queue_max_events < settings.max_batch_events:
-        raise ConfigError("XRAY_QUEUE_MAX_EVENTS must be >= XRAY_MAX_BATCH_EVENTS")
+        raise ConfigError("XRAY_QUEUE_MAX_EVENTS / XRAY_WORKERS must be >= XRAY_MAX_BATCH_EVENTS")
     if settings.queue_max_bytes < settings.max_body_bytes:
-        raise ConfigError("XRAY_QUEUE_MAX_BYTES must be >= XRAY_MAX_BODY_BYTES")
+        raise ConfigError("XRAY_QUEUE_MAX_BYTES / XRAY_WORKERS must be >= XRAY_MAX_BODY_BYTES")
     return settings
