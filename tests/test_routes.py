@@ -336,6 +336,18 @@ def test_database_away_means_degraded_health_and_events_still_queued() -> None:
         assert health["queue_events"] == 1
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/traces", f"/v1/events?trace_id={uuid.uuid4()}", "/v1/analytics/drop-reasons"]
+)
+def test_reads_while_the_database_is_away_are_503_without_driver_text(path: str) -> None:
+    settings = settings_for(UNREACHABLE, shutdown_timeout_s=0.1)
+    with TestClient(create_app(settings, open_keyring())) as client:
+        response = client.get(path)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json() == {"error": "the database is unavailable; retry shortly"}
+
+
 def test_full_queue_is_a_503_with_retry_after_and_takes_nothing() -> None:
     settings = settings_for(
         UNREACHABLE, queue_max_events=3, max_batch_events=3, shutdown_timeout_s=0.1

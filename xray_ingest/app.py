@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from starlette.applications import Starlette
@@ -54,6 +54,27 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 async def _unavailable(request: Request, exc: Exception) -> Response:
     retry_after = str(request.app.state.settings.retry_after_s)
     return _error(503, str(exc), {"Retry-After": retry_after})
+
+
+# Reads need the database; while it is away they answer 503 (never its driver's words).
+_DATABASE_AWAY: Final = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning(
+        "database unavailable for %s %s (%s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        extra={"action": "request", "request_id": request_id_of(request.scope)},
+    )
+    retry_after = str(request.app.state.settings.retry_after_s)
+    return _error(503, "the database is unavailable; retry shortly", {"Retry-After": retry_after})
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
@@ -252,6 +273,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             BatchTooLargeError: _too_large,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
+            **dict.fromkeys(_DATABASE_AWAY, _database_unavailable),
             XrayError: _internal_error,
             Exception: _internal_error,
         },
