@@ -12,7 +12,7 @@ from tests import samples
 from tests.samples import dumps
 from xray_ingest import buffer as buffer_module
 from xray_ingest import db
-from xray_ingest.buffer import Buffer, Flusher
+from xray_ingest.buffer import Buffer, Flusher, Refusals
 from xray_ingest.errors import QueueFullError, RejectedRowsError, ShuttingDownError
 from xray_ingest.models import Row, decode_row
 
@@ -277,3 +277,19 @@ async def test_stop_cuts_the_linger_short() -> None:
     await asyncio.sleep(0.05)
     assert await flusher.stop(5) == 0
     assert len(sink.stored) == 2
+
+
+async def test_a_durable_request_does_not_wait_for_the_linger() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=1000, interval_s=60)
+    flusher.start()
+    flusher.buffer.put(make_rows(2), 1)  # not durable: lingers (up to 60 s) for company
+    await asyncio.sleep(0.05)
+    assert sink.batches == []
+    committed: asyncio.Future[Refusals] = asyncio.get_running_loop().create_future()
+    flusher.buffer.put(make_rows(1), 1, committed)
+    # The durable chunk joins the lingering batch, which is then written at once.
+    assert await asyncio.wait_for(committed, 5) == []
+    assert [len(batch) for batch in sink.batches] == [3]
+    assert await flusher.stop(5) == 0
+    assert len(sink.stored) == 3

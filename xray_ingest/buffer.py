@@ -158,22 +158,39 @@ class Flusher:
         queue = self.buffer.queue
         chunks = [await queue.get()]
         count = len(chunks[0].rows)
+        # A durable request is waiting for this batch's commit: every ms of linger is its latency.
+        durable = chunks[0].committed is not None
         deadline = time.monotonic() + self.interval_s
         while count < self.max_events:
             if queue.empty():
                 delay = deadline - time.monotonic()
-                if delay <= 0 or self._stopping.is_set():
+                if delay <= 0 or durable or self._stopping.is_set():
                     break
-                # Linger briefly so a trickle of small requests still makes one COPY; stop()
-                # cuts the linger short so shutdown drains at once.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                if queue.empty():
+                # Linger briefly so a trickle of small requests still makes one COPY.
+                chunk = await self._next_chunk(delay)
+                if chunk is None:
                     break
-            chunk = queue.get_nowait()
+            else:
+                chunk = queue.get_nowait()
             chunks.append(chunk)
             count += len(chunk.rows)
+            durable = durable or chunk.committed is not None
         return chunks
+
+    async def _next_chunk(self, timeout_s: float) -> Chunk | None:
+        """The next chunk queued within timeout_s, or None (also at once when stop() is called,
+        so shutdown drains without lingering)."""
+        getter = asyncio.ensure_future(self.buffer.queue.get())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait(
+            {getter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopper.cancel()
+        if getter in done:
+            return getter.result()
+        # Cancelling a waiting get() leaves any chunk it was woken for in the queue.
+        getter.cancel()
+        return None
 
     async def _work(self) -> None:
         while True:
