@@ -362,6 +362,21 @@ def test_full_queue_is_a_503_with_retry_after_and_takes_nothing() -> None:
         assert client.get("/health").json()["queue_events"] == 3
 
 
+def test_a_body_that_cannot_fit_the_queue_is_refused_before_it_is_decoded() -> None:
+    settings = settings_for(
+        UNREACHABLE, queue_max_bytes=2000, max_body_bytes=2000, shutdown_timeout_s=0.1
+    )
+    with TestClient(create_app(settings, open_keyring())) as client:
+        event = dumps(samples.custom())
+        assert client.post("/v1/events", content=event).status_code == 202
+        # Not even JSON: a 503 rather than a 400 shows it was never decoded.
+        too_big = client.post("/v1/events/batch", content=b"x" * (2001 - len(event)))
+        assert too_big.status_code == 503
+        assert too_big.headers["Retry-After"] == "1"
+        fits = client.post("/v1/events/batch", content=b"x" * (2000 - len(event)))
+        assert fits.status_code == 400
+
+
 # ---- issue 3: encodings, durable acks, duplicates, poison, readiness -------------------------
 
 

@@ -87,11 +87,12 @@ class Buffer:
             and self.bytes < READY_FILL * self.max_bytes
         )
 
-    def check_open(self) -> None:
-        """Raises ShuttingDownError or QueueFullError when no event could be taken now."""
+    def check_open(self, size: int = 0) -> None:
+        """Raises ShuttingDownError or QueueFullError when one event of `size` bytes could not
+        be taken now."""
         if self.closed:
             raise ShuttingDownError
-        if not self.has_room():
+        if not self.has_room(1, size):
             raise QueueFullError
 
     def put(

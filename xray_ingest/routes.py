@@ -95,6 +95,9 @@ async def _read_ingest_body(request: Request) -> bytes:
     )
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON event")
+    # The events' bytes cannot exceed the body's: refuse what cannot fit before decoding it
+    # (a saturated server otherwise spent most of its time decoding batches it then refused).
+    _buffer(request).check_open(len(body))
     return body
 
 
