@@ -78,11 +78,20 @@ def test_serve_without_database_url_runs_a_persistent_embedded_postgres(data_dir
     first.stop(signal.SIGINT, group=True)
     assert not (data_dir / "pgdata" / "postmaster.pid").exists(), "PostgreSQL left running"
 
-    second = Server(env)
+    second = Server({**env, "XRAY_AUTH_REFRESH_S": "0.2"})
     status, body = request(second.port, f"/v1/events?trace_id={trace_id}")
-    second.stop()
     assert status == 200
     assert {event["span_id"] for event in body["events"]} == sent
+    # `keys` shares the embedded PostgreSQL with the running server and leaves it running.
+    created = run_cli(env, "keys", "create", "--name", "local", "--scope", "read")
+    assert created.returncode == 0, created.stderr
+    deadline = time.monotonic() + 5
+    while request(second.port, "/v1/traces")[0] != 401:
+        assert time.monotonic() < deadline, "the new key did not turn auth on"
+        time.sleep(0.05)
+    auth = {"Authorization": f"Bearer {created.stdout.strip()}"}
+    assert request(second.port, f"/v1/events?trace_id={trace_id}", headers=auth)[0] == 200
+    second.stop()
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
