@@ -6,10 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -25,6 +28,7 @@ from xray_ingest import db
 from xray_ingest.app import create_app
 from xray_ingest.errors import XrayError
 from xray_ingest.logconfig import JsonFormatter
+from xray_ingest.metrics import forget_dead_workers
 from xray_ingest.openapi import OPERATIONS, openapi_json
 
 SECRET = "SELECT prompt FROM events WHERE x = 'leak' -- /srv/xray/db.py line 12"
@@ -335,3 +339,15 @@ def test_real_answers_validate_against_their_documented_schemas(client: TestClie
         schema_validator(response_schema(method, path, status)).validate(body)
         if path.startswith("/v1/analytics") and path != "/v1/analytics/metadata-values":
             assert body != {} and any(body.values())  # not an empty answer that fits anything
+
+
+def test_a_dead_workers_gauges_are_forgotten(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getpid()):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{gone.pid}.db").write_bytes(b"")  # counters keep counting
+    assert forget_dead_workers(tmp_path) == [gone.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db"]
+    )

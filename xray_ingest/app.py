@@ -223,6 +223,8 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             )
             app.state.pool = pool
             app.state.buffer = buffer
+            if settings.metrics_dir is not None:
+                metrics.forget_dead_workers(settings.metrics_dir)
             await _load_keys(keyring, pool)
             flusher.start()
             background = [

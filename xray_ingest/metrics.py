@@ -4,6 +4,8 @@ several (prometheus-client's multiprocess mode, on when PROMETHEUS_MULTIPROC_DIR
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
@@ -15,7 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 if TYPE_CHECKING:  # the buffer counts into these metrics, so no import at run time
     from xray_ingest.buffer import Buffer
@@ -83,6 +85,29 @@ async def sample_forever(buffer: Buffer, pool: Pool) -> None:
     while True:
         sample(buffer, pool)
         await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+
+_LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def forget_dead_workers(directory: Path) -> list[int]:
+    """Drops the live-gauge files of workers that are gone, so a dead worker's last queue depth
+    stops counting (uvicorn restarts dead workers but has no hook to tell prometheus-client).
+    Called by each worker as it starts; returns the pids forgotten."""
+    dead = sorted(
+        {
+            int(match[1])
+            for path in directory.glob("gauge_live*.db")
+            if (match := _LIVE_GAUGE_FILE.fullmatch(path.name)) and not _alive(int(match[1]))
+        }
+    )
+    for pid in dead:
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    return dead
 
 
 def exposition(multiprocess: bool) -> bytes:
