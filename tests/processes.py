@@ -68,12 +68,20 @@ class Server:
         )
         workers = int(env.get("XRAY_WORKERS") or default_workers())
         deadline = time.monotonic() + 60
-        # Up when every worker has started (each logs it), not only the first to answer.
-        while self.log_text().count("Application startup complete") < workers:
+        # Up when every worker has started (each logs it), not only the first to answer, and
+        # the port answers (one worker logs its start before it listens).
+        while not (
+            self.log_text().count("Application startup complete") >= workers and self._healthy()
+        ):
             assert self.process.poll() is None, self.output()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
-        assert request(self.port, "/health", timeout_s=5)[0] == 200
+
+    def _healthy(self) -> bool:
+        try:
+            return request(self.port, "/health", timeout_s=1)[0] == 200
+        except OSError:
+            return False
 
     def log_text(self) -> str:
         """The log so far. pread leaves the file offset alone: the server writes at it."""
