@@ -183,15 +183,17 @@ class Flusher:
         so shutdown drains without lingering)."""
         getter = asyncio.ensure_future(self.buffer.queue.get())
         stopper = asyncio.ensure_future(self._stopping.wait())
-        done, _ = await asyncio.wait(
-            {getter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        stopper.cancel()
-        if getter in done:
-            return getter.result()
-        # Cancelling a waiting get() leaves any chunk it was woken for in the queue.
-        getter.cancel()
-        return None
+        try:
+            done, _ = await asyncio.wait(
+                {getter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            # Also when this task is cancelled: no helper task may outlive it. Cancelling a
+            # waiting get() leaves any chunk it was woken for in the queue.
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter in done else None
 
     async def _work(self) -> None:
         while True:
