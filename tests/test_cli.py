@@ -16,18 +16,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from benchmarks.common import count_events
 from tests import samples
 from tests.processes import Server, base_env, post_batches, request, request_text
 from tests.samples import dumps
-
-
-async def count_events(dsn: str) -> int:
-    connection = await asyncpg.connect(dsn)
-    try:
-        count: int = await connection.fetchval("SELECT count(*) FROM events")
-        return count
-    finally:
-        await connection.close()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
