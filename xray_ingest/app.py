@@ -51,9 +51,13 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return routes.MsgspecResponse(ErrorBody(message), status_code=status, headers=headers)
 
 
-async def _unavailable(request: Request, exc: Exception) -> Response:
+def _retry_later(request: Request, message: str) -> Response:
     retry_after = str(request.app.state.settings.retry_after_s)
-    return _error(503, str(exc), {"Retry-After": retry_after})
+    return _error(503, message, {"Retry-After": retry_after})
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    return _retry_later(request, str(exc))
 
 
 # Reads need the database; while it is away they answer 503 (never its driver's words).
@@ -73,8 +77,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> Response:
         type(exc).__name__,
         extra={"action": "request", "request_id": request_id_of(request.scope)},
     )
-    retry_after = str(request.app.state.settings.retry_after_s)
-    return _error(503, "the database is unavailable; retry shortly", {"Retry-After": retry_after})
+    return _retry_later(request, "the database is unavailable; retry shortly")
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
@@ -161,7 +164,7 @@ def _refuse_new_events_on_signals(buffer: Buffer) -> None:
 async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
     try:
         await keyring.refresh(pool)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except db.UNANSWERED as exc:
         logger.warning(
             "could not read API keys at start (%s); requests get 503 until they are read",
             type(exc).__name__,

@@ -31,6 +31,12 @@ REFRESH_TIMEOUT_S: Final = 5.0
 UNAUTHORIZED: Final = "a valid API key is required (Authorization: Bearer <key>, or X-API-Key)"
 FORBIDDEN: Final = "this API key's scope does not allow this request"
 NOT_LOADED: Final = "API keys could not be loaded from the database yet; retry shortly"
+# Said at start-up (a WARNING) and in /health while no key exists.
+_NO_KEYS: Final = (
+    "no API key exists, so anyone who can reach this server can read and write events; "
+    "create one with `xray-ingest keys create --name NAME --scope admin`"
+)
+OPEN_WARNING: Final = f"auth is off: {_NO_KEYS}"
 
 
 def new_key() -> str:
@@ -90,12 +96,7 @@ class KeyRing:
         if self.state == before:
             return
         if self.open:
-            logger.warning(
-                "AUTH IS OFF: no API key exists and XRAY_AUTH is not 'required', so anyone who "
-                "can reach this server can read and write every event. Create a key with "
-                "`xray-ingest keys create --name NAME --scope admin`.",
-                extra={"action": "auth"},
-            )
+            logger.warning("AUTH IS OFF: %s", _NO_KEYS, extra={"action": "auth"})
         else:
             logger.info(
                 "API keys required (%d active)", len(self._active), extra={"action": "auth"}
@@ -137,7 +138,7 @@ class KeyRing:
             try:
                 await self.refresh(pool)
                 failing = False
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except db.UNANSWERED as exc:
                 if not failing:
                     logger.warning(
                         "could not read API keys (%s); keeping the last ones read",

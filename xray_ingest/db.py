@@ -36,6 +36,8 @@ COPY_COLUMNS: Final = (
 _REJECTION_CLASSES: Final = frozenset({"22", "23", "54"})
 # A metadata tag on at most this many events counts as rare (see fetch_traces_page).
 RARE_TAG_EVENTS: Final = 5_000
+# What a query raises when the database did not answer it: unreachable, timed out, or failed.
+UNANSWERED: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # jsonb's binary wire format is a version byte followed by the JSON text.
 _JSONB_VERSION: Final = b"\x01"
 
@@ -177,7 +179,7 @@ async def ping(pool: Pool, timeout_s: float) -> datetime | None:
         async with pool.acquire(timeout=timeout_s) as connection:
             value: datetime = await connection.fetchval(QUERIES["ping"], timeout=timeout_s)
             return value
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except UNANSWERED:
         return None
 
 

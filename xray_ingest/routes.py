@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from xray_ingest import __version__, db, metrics
-from xray_ingest.auth import KeyRing
+from xray_ingest.auth import OPEN_WARNING, KeyRing
 from xray_ingest.bodies import read_body
 from xray_ingest.buffer import Buffer, Refusals
 from xray_ingest.config import Settings
@@ -43,10 +43,6 @@ DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
 HEALTH_TIMEOUT_S: Final = 2.0
 READY_TIMEOUT_S: Final = 1.0
-OPEN_AUTH_WARNING: Final = (
-    "auth is off: no API key exists, so anyone who can reach this server can read and write "
-    "events; create one with `xray-ingest keys create --name NAME --scope admin`"
-)
 # Deliberately without the database's own words (they can quote the payload or the schema).
 REFUSED: Final = "the database refused this event; it was kept in dead_letter_events"
 
@@ -276,7 +272,7 @@ async def health(request: Request) -> Response:
             queue_events=buffer.events,
             version=__version__,
             auth=keyring.state,
-            warnings=[OPEN_AUTH_WARNING] if keyring.state == "open" else [],
+            warnings=[OPEN_WARNING] if keyring.state == "open" else [],
         )
     )
 
