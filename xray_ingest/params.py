@@ -7,7 +7,7 @@ import binascii
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from xray_ingest.errors import BadRequestError
 from xray_ingest.models import AnalyticsWindow, TraceFilters
@@ -35,30 +35,33 @@ def uuid_param(value: str | None, name: str) -> uuid.UUID:
     return parsed
 
 
-def int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _bounded(
+    params: Mapping[str, str], name: str, default: _N, kind: type[_N], low: _N, high: _N
+) -> _N:
+    """Parameter `name` as a `kind` within [low, high] (NaN is outside), else the default."""
     value = params.get(name)
     if value is None:
         return default
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise BadRequestError(f"{name} must be an integer, got {value!r}", path=name) from None
+        noun = "an integer" if kind is int else "a number"
+        raise BadRequestError(f"{name} must be {noun}, got {value!r}", path=name) from None
     if not low <= number <= high:
         raise BadRequestError(f"{name} must be between {low} and {high}", path=name)
     return number
 
 
+def int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    return _bounded(params, name, default, int, low, high)
+
+
 def fraction_param(params: Mapping[str, str], name: str, default: float) -> float:
-    value = params.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise BadRequestError(f"{name} must be a number, got {value!r}", path=name) from None
-    if not 0 <= number <= 1:
-        raise BadRequestError(f"{name} must be between 0 and 1", path=name)
-    return number
+    # Bounds written as 0 and 1 (not 0.0 and 1.0) for the message.
+    return _bounded(params, name, default, float, 0, 1)
 
 
 def time_param(params: Mapping[str, str], name: str) -> datetime | None:
