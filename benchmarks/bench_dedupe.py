@@ -11,12 +11,11 @@ Run as `python -m benchmarks.bench_dedupe`; prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
 
-from benchmarks.common import dumps, fresh_database, postgres_server, realistic_events
+from benchmarks.common import dumps, fresh_database, postgres_server, realistic_events, run_async
 from xray_ingest import db
 from xray_ingest.models import Row, decode_row
 
@@ -70,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.events))
+    result = run_async(measure(args.events))
     print(json.dumps({"events": args.events, "batch": BATCH, **result}))
 
 

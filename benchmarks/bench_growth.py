@@ -20,6 +20,7 @@ from benchmarks.common import (
     fresh_database,
     postgres_server,
     realistic_events,
+    run_async,
 )
 from xray_ingest import db
 from xray_ingest.models import decode_row
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,1000000,5000000")
     parser.add_argument("--events", type=int, default=100_000, help="measured at each size")
     args = parser.parse_args()
-    asyncio.run(run([int(n) for n in args.sizes.split(",")], args.events))
+    run_async(run([int(n) for n in args.sizes.split(",")], args.events))
 
 
 if __name__ == "__main__":

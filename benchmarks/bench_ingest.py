@@ -28,6 +28,7 @@ from benchmarks.common import (
     percentile,
     postgres_server,
     realistic_events,
+    run_async,
 )
 from xray_ingest import db
 from xray_ingest.models import Row, decode_row
@@ -137,6 +138,7 @@ async def drive(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         acked = time.perf_counter() - started
+        await server.wait_committed(len(encoded))
         while await count_events(dsn) < stored_before + len(encoded):
             await asyncio.sleep(0.02)
         committed = time.perf_counter() - started
@@ -264,7 +266,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for the tests")
     args = parser.parse_args()
     events = 4_000 if args.smoke else args.events
-    report = asyncio.run(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS))
+    report = run_async(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS))
     RESULTS_DIR.mkdir(exist_ok=True)
     name = "ingest-smoke" if args.smoke else "ingest"
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

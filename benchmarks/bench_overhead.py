@@ -11,7 +11,6 @@ benchmarks/results/overhead.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -36,6 +35,7 @@ from benchmarks.common import (
     fresh_database,
     postgres_server,
     realistic_events,
+    run_async,
     with_database,
 )
 
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE_OBSERVABILITY)
     parser.add_argument("--output", default="overhead.json", help="file in benchmarks/results")
     args = parser.parse_args()
-    report = asyncio.run(run(args.events, args.rounds, args.before))
+    report = run_async(run(args.events, args.rounds, args.before))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / args.output).write_text(json.dumps(report, indent=2) + "\n")
 

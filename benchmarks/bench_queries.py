@@ -28,6 +28,7 @@ from benchmarks.common import (
     dumps,
     percentile,
     postgres_server,
+    run_async,
     with_database,
 )
 from xray_ingest import db
@@ -306,9 +307,7 @@ def main() -> None:
     parser.add_argument("--database", default=DATABASE, help="kept between runs")
     parser.add_argument("--output", default="queries.json", help="in benchmarks/results/")
     args = parser.parse_args()
-    report = asyncio.run(
-        run(args.traces, args.repeat, args.reseed, args.index_events, args.database)
-    )
+    report = run_async(run(args.traces, args.repeat, args.reseed, args.index_events, args.database))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / args.output).write_text(json.dumps(report, indent=2) + "\n")
 

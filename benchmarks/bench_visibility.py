@@ -24,6 +24,7 @@ from benchmarks.common import (
     percentile,
     postgres_server,
     realistic_events,
+    run_async,
 )
 
 BATCH = 100
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=12_000, help="background events/s")
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.rate, args.seconds))
+    result = run_async(measure(args.rate, args.seconds))
     print(json.dumps({"rate": args.rate, "seconds": args.seconds, **result}))
 
 

@@ -6,20 +6,22 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+import uvloop
 
 from xray_ingest.embedded import postgres_or_throwaway
 from xray_ingest.migrate import migrate
@@ -149,6 +151,12 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+T = TypeVar("T")
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+# The committed-events counter's sample line in /metrics.
+_COMMITTED_METRIC = re.compile(rb"^xray_events_committed_total ([0-9.e+]+)$", re.MULTILINE)
+
+
 class ServerProcess:
     """`xray-ingest serve` with default settings (as a user starts it) on a free port."""
 
@@ -181,6 +189,25 @@ class ServerProcess:
                 raise RuntimeError("server did not become ready")
             await asyncio.sleep(0.1)
 
+    async def wait_committed(self, events: int) -> None:
+        """Waits until the server's metrics count `events` committed (summed over its workers).
+
+        Cheap for the database under test, unlike polling count(*) over a growing table on a
+        new connection, which costs the server's PostgreSQL a backend start and a scan each
+        time. Callers confirm with one count_events() afterwards."""
+        client = await HttpClient.connect(self.port)
+        try:
+            while True:
+                status, payload = await client.request(b"GET", b"/metrics")
+                if status != 200:
+                    raise RuntimeError(f"/metrics answered {status}: {payload[:200]!r}")
+                match = _COMMITTED_METRIC.search(payload)
+                if match is not None and float(match[1]) >= events:
+                    return
+                await asyncio.sleep(0.01)
+        finally:
+            client.close()
+
     def peak_rss_mib(self) -> float:
         """Peak resident memory (VmHWM) in MiB, summed over the server and its worker processes.
         An upper bound when there are workers: their peaks need not have come at the same time."""
@@ -200,42 +227,62 @@ class ServerProcess:
         self.log.close()
 
 
-class HttpClient:
-    """A minimal HTTP/1.1 keep-alive client: the load generator must cost far less than the
-    server it measures, so it sends pre-encoded bytes and parses only the status line and
-    Content-Length."""
+class HttpClient(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client, one request at a time, as an asyncio Protocol: the
+    load generator must cost far less than the server it measures, so it sends pre-encoded
+    bytes and parses only the status and Content-Length of each response."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._received = bytearray()
+        self._response: asyncio.Future[tuple[int, bytes]] | None = None
 
     @classmethod
     async def connect(cls, port: int) -> HttpClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
+        _, client = await asyncio.get_running_loop().create_connection(cls, "127.0.0.1", port)
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += data
+        end = self._received.find(b"\r\n\r\n")
+        if end < 0 or self._response is None:
+            return
+        length = _CONTENT_LENGTH.search(self._received, 0, end + 2)
+        body_start = end + 4
+        body_end = body_start + (int(length[1]) if length else 0)
+        if len(self._received) < body_end:
+            return
+        status = int(self._received[9:12])
+        payload = bytes(self._received[body_start:body_end])
+        del self._received[:body_end]
+        self._response.set_result((status, payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(exc or ConnectionResetError("server closed"))
 
     async def request(
         self, method: bytes, path: bytes, body: bytes = b"", content_type: bytes = b""
     ) -> tuple[int, bytes]:
+        assert self._transport is not None
         head = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1"]
         if body:
             head.append(b"Content-Type: " + (content_type or b"application/json"))
             head.append(b"Content-Length: " + str(len(body)).encode())
-        self.writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        length = 0
-        while True:
-            line = await self.reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-        payload = await self.reader.readexactly(length)
-        return int(status_line.split(b" ", 2)[1]), payload
+        self._response = asyncio.get_running_loop().create_future()
+        self._transport.writelines((b"\r\n".join(head), b"\r\n\r\n", body))
+        try:
+            return await self._response
+        finally:
+            self._response = None
 
     def close(self) -> None:
-        self.writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 async def count_events(dsn: str) -> int:
@@ -245,6 +292,13 @@ async def count_events(dsn: str) -> int:
         return count
     finally:
         await connection.close()
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Runs a benchmark's main coroutine on uvloop (the server's loop too): the load generator
+    then costs about half the CPU that the default loop's streams do, CPU the server and
+    PostgreSQL share on a small machine."""
+    return uvloop.run(main)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
