@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            # httptools, with each response sent in one write (see protocol.py).
+            http="xray_ingest.protocol:HttpProtocol",
             access_log=False,
             log_config=logging_config(settings.log_level, settings.log_format),
             # No proxy in front by default; forwarded headers would cost every request.
