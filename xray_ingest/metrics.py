@@ -4,6 +4,7 @@ several (prometheus-client's multiprocess mode, on when PROMETHEUS_MULTIPROC_DIR
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -16,6 +17,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    values,
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -25,6 +27,13 @@ if TYPE_CHECKING:  # the buffer counts into these metrics, so no import at run t
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 SAMPLE_INTERVAL_S: Final = 1.0
+
+# In multiprocess mode every metric update calls the process-id function (os.getpid, a system
+# call) to notice a fork. Workers are spawned, never forked after this import, so this
+# process's id is read once: a few system calls fewer on every request.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _PID: Final = os.getpid()
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _PID)  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
