@@ -252,14 +252,15 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
                 pool.terminate()
 
     app = Starlette(
+        # Routes are tried in order: the ingest routes, which take nearly every request, first.
         routes=[
+            Route("/v1/events", routes.ingest_event, methods=["POST"]),
+            Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics_text, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
-            Route("/v1/events", routes.ingest_event, methods=["POST"]),
             Route("/v1/events", routes.list_trace_events, methods=["GET"]),
-            Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
             Route("/v1/events/{span_id}", routes.get_event, methods=["GET"]),
             Route("/v1/traces", routes.list_traces, methods=["GET"]),
             Route("/v1/traces/{trace_id}", routes.get_trace, methods=["GET"]),
