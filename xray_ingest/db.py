@@ -98,14 +98,18 @@ def _trace_spans(
     rows: Sequence[Row],
 ) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
     """Each trace's earliest timestamp and latest timestamp + duration in rows, by trace_id."""
-    spans: dict[uuid.UUID, tuple[datetime, datetime]] = {}
-    for row in rows:
-        trace_id, start, duration = row[2], row[6], row[7]
-        end = start + timedelta(milliseconds=duration) if duration else start
+    spans: dict[uuid.UUID, list[datetime]] = {}
+    millisecond = timedelta(milliseconds=1)
+    for _, _, trace_id, _, _, _, start, duration, _ in rows:
+        end = start + duration * millisecond if duration else start
         known = spans.get(trace_id)
-        if known is not None:
-            start, end = min(start, known[0]), max(end, known[1])
-        spans[trace_id] = (start, end)
+        if known is None:
+            spans[trace_id] = [start, end]
+            continue
+        if start < known[0]:
+            known[0] = start
+        if end > known[1]:
+            known[1] = end
     trace_ids = sorted(spans)
     return trace_ids, [spans[t][0] for t in trace_ids], [spans[t][1] for t in trace_ids]
 
