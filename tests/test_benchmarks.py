@@ -36,6 +36,7 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
     assert (RESULTS / "ingest-smoke.png").read_bytes().startswith(b"\x89PNG")
     assert report["events"] == 4000
     assert all(value > 0 for value in report["ceiling_rows_per_s"].values())
+    assert len(report["ceiling_runs"]["2 connection(s)"]) == 2  # before and after the scenarios
     for result in report["results"]:
         assert result["committed_events_per_s"] > 0
         assert result["ratio_to_ceiling"] > 0
