@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,10 @@ from xray_ingest import db
 from xray_ingest.models import Row, decode_row
 
 CEILING_BATCH = 5_000
+# A client's wait after a 503 (queue full). Far below the server's Retry-After, so the server
+# stays saturated; not so short that it spends its time reading bodies it must refuse (each
+# refused 1000-event batch is a megabyte received and thrown away).
+RETRY_503_S = float(os.environ.get("RETRY_503_S", "0.05"))
 
 
 @dataclass
@@ -130,7 +135,7 @@ async def drive(
                         # Queue full: the server's backpressure. Retry soon (sooner than its
                         # Retry-After, to keep it saturated) and count the refusal.
                         refusals += 1
-                        await asyncio.sleep(0.01)
+                        await asyncio.sleep(RETRY_503_S)
                     if status not in (201, 202):
                         raise RuntimeError(f"status {status}: {payload[:200]!r}")
             finally:
