@@ -27,6 +27,7 @@ from benchmarks.common import (
     count_events,
     dumps,
     fresh_database,
+    machine_busy_seconds,
     percentile,
     postgres_server,
     realistic_events,
@@ -55,6 +56,11 @@ class Result:
     latency_p99_ms: float
     server_peak_rss_mib: float
     refused_503: int
+    # CPU microseconds per event while the scenario ran, by who spent them: the server (all its
+    # processes), this load generator, and the rest of the machine (PostgreSQL, mostly).
+    server_cpu_us_per_event: float
+    load_generator_cpu_us_per_event: float
+    other_cpu_us_per_event: float
     ratio_to_ceiling: float = float("nan")
 
 
@@ -141,6 +147,7 @@ async def drive(
             finally:
                 client.close()
 
+        cpu_before = (server.cpu_seconds(), time.process_time(), machine_busy_seconds())
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         acked = time.perf_counter() - started
@@ -148,6 +155,9 @@ async def drive(
         while await count_events(dsn) < stored_before + len(encoded):
             await asyncio.sleep(0.02)
         committed = time.perf_counter() - started
+        server_cpu = server.cpu_seconds() - cpu_before[0]
+        load_cpu = time.process_time() - cpu_before[1]
+        other_cpu = machine_busy_seconds() - cpu_before[2] - server_cpu - load_cpu
         latencies.sort()
         result = Result(
             scenario=f"{'single' if batch_size == 1 else f'batch {batch_size}'}"
@@ -162,6 +172,9 @@ async def drive(
             latency_p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
             server_peak_rss_mib=round(server.peak_rss_mib(), 1),
             refused_503=refusals,
+            server_cpu_us_per_event=round(server_cpu * 1e6 / len(encoded), 1),
+            load_generator_cpu_us_per_event=round(load_cpu * 1e6 / len(encoded), 1),
+            other_cpu_us_per_event=round(other_cpu * 1e6 / len(encoded), 1),
         )
     finally:
         server.stop()
@@ -177,6 +190,7 @@ def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
     header = (
         f"{'scenario':<16}{'conns':>6}{'req/s':>9}{'acked ev/s':>12}{'committed ev/s':>16}"
         f"{'x ceiling':>10}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}{'503s':>7}"
+        f"{'CPU us/event: server':>22}{'load gen':>10}{'rest':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -186,6 +200,8 @@ def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
             f"{r.acked_events_per_s:>12,.0f}{r.committed_events_per_s:>16,.0f}"
             f"{r.ratio_to_ceiling:>10.2f}{r.latency_p50_ms:>9.2f}{r.latency_p99_ms:>9.2f}"
             f"{r.server_peak_rss_mib:>14.1f}{r.refused_503:>7}"
+            f"{r.server_cpu_us_per_event:>22.1f}{r.load_generator_cpu_us_per_event:>10.1f}"
+            f"{r.other_cpu_us_per_event:>7.1f}"
         )
 
 

@@ -151,6 +151,25 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) one process has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (neither idle nor waiting on I/O), all cores."""
+    with open("/proc/stat") as stat:
+        ticks = [int(n) for n in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
+
+
 T = TypeVar("T")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
 # The committed-events counter's sample line in /metrics.
@@ -210,6 +229,10 @@ class ServerProcess:
                 await asyncio.sleep(0.01)
         finally:
             client.close()
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its live worker processes."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.process.pid))
 
     def peak_rss_mib(self) -> float:
         """Peak resident memory (VmHWM) in MiB, summed over the server and its worker processes.

@@ -41,6 +41,8 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
         assert result["committed_events_per_s"] > 0
         assert result["ratio_to_ceiling"] > 0
         assert result["server_peak_rss_mib"] > 0
+        assert result["server_cpu_us_per_event"] > 0
+        assert result["load_generator_cpu_us_per_event"] > 0
 
 
 def test_dedupe_benchmark_runs(server_dsn: str) -> None:
