@@ -153,6 +153,19 @@ async def test_several_connections_write_batches_concurrently() -> None:
     await flusher.stop(1)
 
 
+async def test_a_trickle_makes_one_batch_even_with_several_connections() -> None:
+    # Lingering side by side, idle connections would share the arrivals out between them.
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=1000, interval_s=0.2, connections=3)
+    flusher.start()
+    for row in make_rows(6):
+        flusher.buffer.put([row], 1)
+        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(sink.stored) == 6)
+    assert [len(batch) for batch in sink.batches] == [6]
+    await flusher.stop(1)
+
+
 async def test_failed_batch_is_retried_until_it_is_stored_once() -> None:
     sink = FakeSink(failures=3)
     flusher = flusher_for(sink)

@@ -130,6 +130,9 @@ class Flusher:
     connections: int
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # One worker collects at a time, while the others write: lingering side by side, they would
+    # split a trickle of requests into several small COPYs, each with its own commit.
+    _collecting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def start(self) -> None:
         self._tasks = [
@@ -197,7 +200,8 @@ class Flusher:
 
     async def _work(self) -> None:
         while True:
-            chunks = await self._collect()
+            async with self._collecting:
+                chunks = await self._collect()
             rows = chunks[0].rows if len(chunks) == 1 else [r for c in chunks for r in c.rows]
             refused = await self._write(rows)
             for chunk in chunks:
