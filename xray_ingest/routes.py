@@ -80,29 +80,40 @@ def pool_of(request: Request) -> db.Pool:
     return pool
 
 
-async def _read_ingest_body(request: Request) -> bytes:
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header (name in lower case) read straight from the scope: on the ingest path
+    Starlette's Headers mapping costs more, mostly in the KeyError of each absent header."""
+    key: bytes
+    value: bytes
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_ingest_body(request: Request, buffer: Buffer, limit: int) -> bytes:
     # Refuse before reading or decoding anything when no event could be taken.
-    _buffer(request).check_open()
+    buffer.check_open()
     body = await read_body(
         request.stream(),
-        request.headers.get("content-encoding", ""),
-        request.headers.get("content-length"),
-        _settings(request).max_body_bytes,
+        _header(request, b"content-encoding") or "",
+        _header(request, b"content-length"),
+        limit,
     )
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON event")
     # The events' bytes cannot exceed the body's: refuse what cannot fit before decoding it
     # (a saturated server otherwise spent most of its time decoding batches it then refused).
-    _buffer(request).check_open(len(body))
+    buffer.check_open(len(body))
     return body
 
 
-def _durable_deadline(request: Request) -> float | None:
+def _durable_deadline(request: Request, longest_s: float) -> float | None:
     """Seconds to wait for the commit when the client asked for it (`?wait=true`, or a
     `Prefer: wait` / `Prefer: wait=N` header), else None."""
     # Raw bytes first: parsing the query and headers of every request costs the hot path.
     query: bytes = request.scope["query_string"]
-    deadline = _settings(request).durable_timeout_s
+    deadline = longest_s
     if b"wait" in query and request.query_params.get("wait", "").lower() in ("true", "1", "yes"):
         return deadline
     for name, raw in request.scope["headers"]:
@@ -116,14 +127,16 @@ def _durable_deadline(request: Request) -> float | None:
     return None
 
 
-async def _enqueue(request: Request, rows: list[Row], size: int) -> Refusals | None:
+async def _enqueue(
+    request: Request, buffer: Buffer, settings: Settings, rows: list[Row], size: int
+) -> Refusals | None:
     """Queues rows; in durable mode waits for their commit and returns the refused ones."""
-    deadline = _durable_deadline(request)
+    deadline = _durable_deadline(request, settings.durable_timeout_s)
     if deadline is None:
-        _buffer(request).put(rows, size)
+        buffer.put(rows, size)
         return None
     committed: asyncio.Future[Refusals] = asyncio.get_running_loop().create_future()
-    _buffer(request).put(rows, size, committed)
+    buffer.put(rows, size, committed)
     try:
         return await asyncio.wait_for(asyncio.shield(committed), deadline)
     except TimeoutError:
@@ -139,14 +152,15 @@ def _invalid(message: str, errors: list[FieldError]) -> MsgspecResponse:
 
 async def ingest_event(request: Request) -> Response:
     """POST /v1/events: one event object."""
-    body = await _read_ingest_body(request)
+    buffer, settings = _buffer(request), _settings(request)
+    body = await _read_ingest_body(request, buffer, settings.max_body_bytes)
     try:
-        row = decode_row(body, max_depth=_settings(request).max_depth)
+        row = decode_row(body, max_depth=settings.max_depth)
     except InvalidEvent as exc:
         metrics.EVENTS_REJECTED.inc()
         message = f"invalid event: {exc.message} at {exc.path}"
         return _invalid(message, [FieldError(exc.path, exc.message)])
-    refused = await _enqueue(request, [row], len(body))
+    refused = await _enqueue(request, buffer, settings, [row], len(body))
     if refused:
         return _invalid(REFUSED, [FieldError("$", REFUSED)])
     accepted = EventAccepted(id=row[3], trace_id=row[2])
@@ -158,9 +172,9 @@ async def ingest_event(request: Request) -> Response:
 
 async def ingest_batch(request: Request) -> Response:
     """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
-    body = await _read_ingest_body(request)
-    settings = _settings(request)
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    buffer, settings = _buffer(request), _settings(request)
+    body = await _read_ingest_body(request, buffer, settings.max_body_bytes)
+    content_type = (_header(request, b"content-type") or "").split(";", 1)[0].strip().lower()
     try:
         batch = decode_batch(
             body, content_type in NDJSON_TYPES, settings.max_batch_events, settings.max_depth
@@ -175,7 +189,9 @@ async def ingest_batch(request: Request) -> Response:
         return _invalid("batch is empty", [FieldError("$.events", "no events in the batch")])
     if batch.errors:
         metrics.EVENTS_REJECTED.inc(len(batch.errors))
-    refused = await _enqueue(request, batch.rows, batch.size) if batch.rows else None
+    refused = (
+        await _enqueue(request, buffer, settings, batch.rows, batch.size) if batch.rows else None
+    )
     if refused:
         _mark_refused(batch, refused)
     accepted = len(batch.ids) - len(batch.errors)
