@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from starlette.testclient import TestClient
 
 from tests import samples
 from tests.samples import dumps
-from xray_ingest.app import create_app
+from xray_ingest.app import GC_YOUNG_THRESHOLD, create_app
 from xray_ingest.auth import KeyRing
 from xray_ingest.config import Settings
 
@@ -28,6 +29,16 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
 def client(database_dsn: str) -> Iterator[TestClient]:
     with TestClient(create_app(settings_for(database_dsn))) as test_client:
         yield test_client
+
+
+def test_a_started_worker_collects_garbage_less_often(database_dsn: str) -> None:
+    young, *older = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *older)
+        with TestClient(create_app(settings_for(database_dsn))):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *older)
+    finally:
+        gc.set_threshold(young, *older)
 
 
 async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
