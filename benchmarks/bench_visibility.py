@@ -1,7 +1,7 @@
 """How soon after its 202 can an event be read back, while the server carries half its load?
 
 Run as `python -m benchmarks.bench_visibility`. Background clients post 100-event batches at a
-fixed rate (default 12,000 events/s, about half the committed peak `bench_ingest` measures on a
+fixed rate (default 36,000 events/s, about half the committed peak `bench_ingest` measures on a
 2-core machine); a probe posts one event of a new trace every 50 ms and polls
 `GET /v1/events?trace_id=` every 2 ms until the event is there. Prints one JSON line with the
 visibility latency p50/p99 (from the 202 to the first read that returns it).
