@@ -110,12 +110,11 @@ async def _read_ingest_body(request: Request, buffer: Buffer, limit: int) -> byt
 
 def _durable_deadline(request: Request, longest_s: float) -> float | None:
     """Seconds to wait for the commit when the client asked for it (`?wait=true`, or a
-    `Prefer: wait` / `Prefer: wait=N` header), else None."""
+    `Prefer: wait` / `Prefer: wait=N` header, capped at longest_s), else None."""
     # Raw bytes first: parsing the query and headers of every request costs the hot path.
     query: bytes = request.scope["query_string"]
-    deadline = longest_s
     if b"wait" in query and request.query_params.get("wait", "").lower() in ("true", "1", "yes"):
-        return deadline
+        return longest_s
     for name, raw in request.scope["headers"]:
         if name != b"prefer":
             continue
@@ -123,7 +122,7 @@ def _durable_deadline(request: Request, longest_s: float) -> float | None:
             key, _, value = preference.strip().partition("=")
             if key.strip().lower() == "wait":
                 value = value.strip().strip('"')
-                return min(deadline, float(value)) if value.isdigit() else deadline
+                return min(longest_s, float(value)) if value.isdigit() else longest_s
     return None
 
 
