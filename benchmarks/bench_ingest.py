@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ CEILING_BATCH = 5_000
 # A client's wait after a 503 (queue full). Far below the server's Retry-After, so the server
 # stays saturated; not so short that it spends its time reading bodies it must refuse (each
 # refused 1000-event batch is a megabyte received and thrown away).
-RETRY_503_S = float(os.environ.get("RETRY_503_S", "0.05"))
+RETRY_503_S = 0.05
 
 
 @dataclass
