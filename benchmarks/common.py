@@ -208,8 +208,9 @@ class ServerProcess:
                 raise RuntimeError("server did not become ready")
             await asyncio.sleep(0.1)
 
-    async def wait_committed(self, events: int) -> None:
-        """Waits until the server's metrics count `events` committed (summed over its workers).
+    async def wait_committed(self, events: int) -> bool:
+        """Waits until the server's metrics count `events` committed (summed over its workers);
+        False at once for a server that has no /metrics.
 
         Cheap for the database under test, unlike polling count(*) over a growing table on a
         new connection, which costs the server's PostgreSQL a backend start and a scan each
@@ -220,12 +221,12 @@ class ServerProcess:
             while True:
                 status, payload = await client.request(b"GET", b"/metrics")
                 if status == 404:
-                    return  # a server from before /metrics: the caller's count() waits
+                    return False  # a server from before /metrics: the caller's count() waits
                 if status != 200:
                     raise RuntimeError(f"/metrics answered {status}: {payload[:200]!r}")
                 match = _COMMITTED_METRIC.search(payload)
                 if match is not None and float(match[1]) >= events:
-                    return
+                    return True
                 await asyncio.sleep(0.01)
         finally:
             client.close()
