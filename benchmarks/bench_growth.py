@@ -2,8 +2,14 @@
 
 Run as `python -m benchmarks.bench_growth` (takes several minutes: it fills the table with raw
 COPY between measurements). At each size it drives a fresh server with 100-event batches over 8
-connections, as `bench_ingest` does, and prints one JSON line per size with the drop against
-the empty table.
+connections, as `bench_ingest` does, and prints one JSON line per size: the rate, the drop
+against the empty table, and what PostgreSQL did meanwhile (WAL and full-page images per event,
+checkpoints, autovacuum runs on events, buffer reads that missed shared_buffers, index sizes).
+
+The fill writes millions of rows in a minute or two, far faster than the server ever would, so
+autovacuum and checkpoints it triggers would still be running during the measurement. With
+--settle (the default) each fill ends with VACUUM and CHECKPOINT, so the figure is the table's
+steady state at that size; --no-settle measures in the fill's wake.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ import argparse
 import asyncio
 import json
 import sys
+import time
+from typing import Any
+
+import asyncpg
 
 from benchmarks.bench_ingest import drive
 from benchmarks.common import (
@@ -28,36 +38,110 @@ from xray_ingest.models import decode_row
 FILL_CHUNK = 50_000
 
 
-async def fill(dsn: str, target: int) -> None:
+async def fill(dsn: str, have: int, target: int, settle: bool) -> None:
     """Adds realistic events with raw COPY until the table holds `target` rows."""
     pool = await db.create_pool(dsn, max_size=2)
     try:
-        while (have := await count_events(dsn)) < target:
+        while have < target:
             rows = [decode_row(dumps(e)) for e in realistic_events(min(FILL_CHUNK, target - have))]
             half = len(rows) // 2
             await asyncio.gather(
                 db.copy_events(pool, rows[:half]), db.copy_events(pool, rows[half:])
             )
-            print(f"  filled {have + len(rows):,} rows", file=sys.stderr)
+            have += len(rows)
+            print(f"  filled {have:,} rows", file=sys.stderr)
+        if settle:
+            async with pool.acquire() as connection:
+                await connection.execute("VACUUM (ANALYZE) events")
+                await connection.execute("CHECKPOINT")
     finally:
         await pool.close()
 
 
-async def run(sizes: list[int], events: int) -> list[dict[str, float]]:
-    results: list[dict[str, float]] = []
+async def postgres_activity(dsn: str) -> dict[str, float]:
+    """Cumulative counters of the work PostgreSQL does for inserts into events."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        if await connection.fetchval("SELECT to_regclass('pg_stat_checkpointer') IS NOT NULL"):
+            checkpoints = "SELECT num_timed + num_requested FROM pg_stat_checkpointer"  # 17+
+        else:
+            checkpoints = "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        row = await connection.fetchrow(
+            f"""
+            SELECT
+                wal.wal_bytes,
+                wal.wal_fpi,
+                ({checkpoints}) AS checkpoints,
+                tables.autovacuum_count AS autovacuums,
+                tables.autoanalyze_count AS autoanalyzes,
+                coalesce(io.index_reads, 0) AS index_reads,
+                coalesce(io.index_hits, 0) AS index_hits
+            FROM pg_stat_wal AS wal
+            CROSS JOIN pg_stat_user_tables AS tables
+            CROSS JOIN (
+                SELECT sum(idx_blks_read) AS index_reads, sum(idx_blks_hit) AS index_hits
+                FROM pg_statio_user_indexes WHERE relid = 'events'::regclass
+            ) AS io
+            WHERE tables.relid = 'events'::regclass
+            """
+        )
+        assert row is not None
+        return {name: float(value) for name, value in row.items()}
+    finally:
+        await connection.close()
+
+
+async def index_sizes_mib(dsn: str) -> dict[str, float]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT indexrelid::regclass::text AS name, pg_relation_size(indexrelid) AS size
+            FROM pg_index WHERE indrelid = 'events'::regclass ORDER BY name
+            """
+        )
+        return {row["name"]: round(row["size"] / 2**20, 1) for row in rows}
+    finally:
+        await connection.close()
+
+
+async def measure(dsn: str, size: int, events: int) -> dict[str, Any]:
+    encoded = [dumps(e) for e in realistic_events(events)]
+    before = await postgres_activity(dsn)
+    result = await drive(dsn, encoded, 100, 8, keep_rows=True)
+    after = await postgres_activity(dsn)
+    # What a count(*) takes at this size: the bench once had one in the timed span.
+    counted = time.perf_counter()
+    await count_events(dsn)
+    count_seconds = time.perf_counter() - counted
+    io_total = after["index_reads"] - before["index_reads"] + after["index_hits"]
+    io_total -= before["index_hits"]
+    return {
+        "stored_rows": size,
+        "committed_events_per_s": result.committed_events_per_s,
+        "wal_bytes_per_event": round((after["wal_bytes"] - before["wal_bytes"]) / events),
+        "full_page_images_per_event": round((after["wal_fpi"] - before["wal_fpi"]) / events, 3),
+        "checkpoints": int(after["checkpoints"] - before["checkpoints"]),
+        "autovacuums_of_events": int(after["autovacuums"] - before["autovacuums"]),
+        "autoanalyzes_of_events": int(after["autoanalyzes"] - before["autoanalyzes"]),
+        "index_block_miss_ratio": round(
+            (after["index_reads"] - before["index_reads"]) / io_total if io_total else 0.0, 4
+        ),
+        "index_mib_after": await index_sizes_mib(dsn),
+        "count_star_seconds": round(count_seconds, 2),
+    }
+
+
+async def run(sizes: list[int], events: int, settle: bool) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
     with postgres_server() as server_dsn:
         async with fresh_database(server_dsn) as dsn:
             for size in sizes:
-                await fill(dsn, size)
-                encoded = [dumps(e) for e in realistic_events(events)]
-                result = await drive(dsn, encoded, 100, 8, keep_rows=True)
-                line = {
-                    "stored_rows": size,
-                    "committed_events_per_s": result.committed_events_per_s,
-                }
+                await fill(dsn, await count_events(dsn), size, settle)
+                line = await measure(dsn, size, events)
                 if results:
                     first = results[0]["committed_events_per_s"]
-                    line["vs_empty"] = round(result.committed_events_per_s / first, 3)
+                    line["vs_empty"] = round(line["committed_events_per_s"] / first, 3)
                 results.append(line)
                 print(json.dumps(line), flush=True)
     return results
@@ -66,9 +150,10 @@ async def run(sizes: list[int], events: int) -> list[dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="0,1000000,5000000")
-    parser.add_argument("--events", type=int, default=100_000, help="measured at each size")
+    parser.add_argument("--events", type=int, default=200_000, help="measured at each size")
+    parser.add_argument("--settle", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    run_async(run([int(n) for n in args.sizes.split(",")], args.events))
+    run_async(run([int(n) for n in args.sizes.split(",")], args.events, args.settle))
 
 
 if __name__ == "__main__":
