@@ -1,8 +1,9 @@
 """How soon after its 202 can an event be read back, while the server carries half its load?
 
 Run as `python -m benchmarks.bench_visibility`. Background clients post 100-event batches at a
-fixed rate (default 36,000 events/s, about half the committed peak `bench_ingest` measures on a
-2-core machine); a probe posts one event of a new trace every 50 ms and polls
+fixed rate: by default half the highest committed events/s of the last `bench_ingest` run (its
+benchmarks/results/ingest.json; `make bench` runs it just before), else 36,000 events/s. A
+probe posts one event of a new trace every 50 ms and polls
 `GET /v1/events?trace_id=` every 2 ms until the event is there. Prints one JSON line with the
 visibility latency p50/p99 (from the 202 to the first read that returns it).
 """
@@ -17,6 +18,7 @@ import uuid
 from datetime import UTC, datetime
 
 from benchmarks.common import (
+    RESULTS_DIR,
     HttpClient,
     ServerProcess,
     dumps,
@@ -111,14 +113,25 @@ async def measure(rate: float, seconds: float) -> dict[str, float]:
     }
 
 
+def half_the_peak() -> tuple[float, str]:
+    """Half the highest committed events/s in the last bench_ingest results, and where the rate
+    came from. Without them, 36,000: about half the peak on a 2-core machine."""
+    try:
+        report = json.loads((RESULTS_DIR / "ingest.json").read_text())
+    except FileNotFoundError:
+        return 36_000, "default"
+    peak = max(r["committed_events_per_s"] for r in report["results"])
+    return round(peak / 2), "half the peak in benchmarks/results/ingest.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    # About half the committed peak of batches of 100 in bench_ingest (72k/s in the last run).
-    parser.add_argument("--rate", type=float, default=36_000, help="background events/s")
+    parser.add_argument("--rate", type=float, help="background events/s")
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
-    result = run_async(measure(args.rate, args.seconds))
-    print(json.dumps({"rate": args.rate, "seconds": args.seconds, **result}))
+    rate, source = (args.rate, "--rate") if args.rate else half_the_peak()
+    result = run_async(measure(rate, args.seconds))
+    print(json.dumps({"rate": rate, "rate_from": source, "seconds": args.seconds, **result}))
 
 
 if __name__ == "__main__":
