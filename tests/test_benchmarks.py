@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
+import pytest
+
+from benchmarks import bench_visibility
 from tests.conftest import _admin
 from tests.processes import PROJECT_DIR
 
@@ -77,6 +81,27 @@ def test_visibility_benchmark_sees_every_probe(server_dsn: str) -> None:
     result = json.loads(run_benchmark(server_dsn, *args).strip().splitlines()[-1])
     assert result["probes"] > 0
     assert result["visibility_p50_ms"] > 0
+
+
+def test_visibility_benchmark_runs_at_half_the_last_ingest_peak(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_visibility, "RESULTS_DIR", tmp_path)
+    assert bench_visibility.half_the_peak() == (36_000, "default")
+    report = {"results": [{"committed_events_per_s": 50_001}, {"committed_events_per_s": 9_000}]}
+    (tmp_path / "ingest.json").write_text(json.dumps(report))
+    assert bench_visibility.half_the_peak()[0] == 25_000
+
+
+def test_growth_benchmark_reports_each_size_and_what_postgres_did(server_dsn: str) -> None:
+    args = ("benchmarks.bench_growth", "--sizes", "0,3000", "--events", "2000")
+    lines = [json.loads(line) for line in run_benchmark(server_dsn, *args).strip().splitlines()]
+    assert [line["stored_rows"] for line in lines] == [0, 3000]
+    assert all(line["committed_events_per_s"] > 0 for line in lines)
+    assert lines[1]["vs_empty"] > 0
+    # Every event writes WAL; the indexes exist and were measured.
+    assert all(line["wal_bytes_per_event"] > 0 for line in lines)
+    assert "events_pkey" in lines[1]["index_mib_after"]
 
 
 def test_overhead_benchmark_compares_a_checkout_with_this_one(server_dsn: str) -> None:
