@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 import pytest
 from starlette.testclient import TestClient
+from starlette.types import Message
 
 from tests import samples
 from tests.samples import dumps
@@ -115,6 +116,56 @@ def test_event_without_span_id_gets_one_that_finds_it(client: TestClient) -> Non
     stored = client.get(f"/v1/events/{span_id}")
     assert stored.status_code == 200
     assert stored.json() == {**event, "span_id": span_id}
+
+
+def test_an_ingest_answer_is_json_with_its_length_and_request_id(client: TestClient) -> None:
+    response = client.post("/v1/events", content=dumps(samples.llm_call()))
+    assert response.status_code == 202
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("path", ["/v1/events", "/v1/events/batch"])
+def test_a_client_gone_before_its_whole_body_gets_a_400_and_nothing_is_queued(
+    client: TestClient, path: str
+) -> None:
+    messages: Iterator[Message] = iter(
+        [
+            {"type": "http.request", "body": dumps(samples.llm_call())[:40], "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+    async def post() -> None:
+        await client.app(scope, receive, send)
+
+    assert client.portal is not None
+    client.portal.call(post)
+    assert sent[0]["status"] == 400
+    assert b"disconnected" in sent[1]["body"]
+    assert client.get("/health").json()["queue_events"] == 0
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from asyncpg import Record
-from starlette.requests import Request
+from msgspec import Struct
+from starlette.datastructures import QueryParams
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from xray_ingest import __version__, db, metrics
 from xray_ingest.auth import OPEN_WARNING, KeyRing
@@ -80,24 +84,58 @@ def pool_of(request: Request) -> db.Pool:
     return pool
 
 
-def _header(request: Request, name: bytes) -> str | None:
+# An ingest handler: reads the request from the scope and receive, and returns the status and
+# the document to answer with (errors it raises go to the app's exception handlers).
+IngestHandler: TypeAlias = Callable[[Scope, Receive], Awaitable[tuple[int, Struct]]]
+
+
+_JSON: Final = MsgspecResponse.media_type.encode()
+
+
+class IngestEndpoint:
+    """An ingest route as a plain ASGI app, which Starlette's Route calls as it is: no Request
+    and no Response object for each of the many small requests an SDK sends."""
+
+    def __init__(self, handler: IngestHandler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status, document = await self.handler(scope, receive)
+        content = ENCODER.encode(document)
+        headers = [(b"content-length", b"%d" % len(content)), (b"content-type", _JSON)]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
     """A request header (name in lower case) read straight from the scope: on the ingest path
     Starlette's Headers mapping costs more, mostly in the KeyError of each absent header."""
     key: bytes
     value: bytes
-    for key, value in request.scope["headers"]:
+    for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-async def _read_ingest_body(request: Request, buffer: Buffer, limit: int) -> bytes:
+async def _body_parts(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's parts as they arrive, as Request.stream() yields them."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def _read_ingest_body(scope: Scope, receive: Receive, buffer: Buffer, limit: int) -> bytes:
     # Refuse before reading or decoding anything when no event could be taken.
     buffer.check_open()
     body = await read_body(
-        request.stream(),
-        _header(request, b"content-encoding") or "",
-        _header(request, b"content-length"),
+        _body_parts(receive),
+        _header(scope, b"content-encoding") or "",
+        _header(scope, b"content-length"),
         limit,
     )
     if not body.strip():
@@ -108,14 +146,14 @@ async def _read_ingest_body(request: Request, buffer: Buffer, limit: int) -> byt
     return body
 
 
-def _durable_deadline(request: Request, longest_s: float) -> float | None:
+def _durable_deadline(scope: Scope, longest_s: float) -> float | None:
     """Seconds to wait for the commit when the client asked for it (`?wait=true`, or a
     `Prefer: wait` / `Prefer: wait=N` header, capped at longest_s), else None."""
     # Raw bytes first: parsing the query and headers of every request costs the hot path.
-    query: bytes = request.scope["query_string"]
-    if b"wait" in query and request.query_params.get("wait", "").lower() in ("true", "1", "yes"):
+    query: bytes = scope["query_string"]
+    if b"wait" in query and QueryParams(query).get("wait", "").lower() in ("true", "1", "yes"):
         return longest_s
-    for name, raw in request.scope["headers"]:
+    for name, raw in scope["headers"]:
         if name != b"prefer":
             continue
         for preference in raw.decode("latin-1").split(","):
@@ -127,10 +165,10 @@ def _durable_deadline(request: Request, longest_s: float) -> float | None:
 
 
 async def _enqueue(
-    request: Request, buffer: Buffer, settings: Settings, rows: list[Row], size: int
+    scope: Scope, buffer: Buffer, settings: Settings, rows: list[Row], size: int
 ) -> Refusals | None:
     """Queues rows; in durable mode waits for their commit and returns the refused ones."""
-    deadline = _durable_deadline(request, settings.durable_timeout_s)
+    deadline = _durable_deadline(scope, settings.durable_timeout_s)
     if deadline is None:
         buffer.put(rows, size)
         return None
@@ -145,51 +183,51 @@ async def _enqueue(
         ) from None
 
 
-def _invalid(message: str, errors: list[FieldError]) -> MsgspecResponse:
-    return MsgspecResponse(ErrorBody(message, errors), status_code=400)
-
-
-async def ingest_event(request: Request) -> Response:
+async def _ingest_event(scope: Scope, receive: Receive) -> tuple[int, Struct]:
     """POST /v1/events: one event object."""
-    buffer, settings = _buffer(request), _settings(request)
-    body = await _read_ingest_body(request, buffer, settings.max_body_bytes)
+    state = scope["app"].state
+    buffer: Buffer = state.buffer
+    settings: Settings = state.settings
+    body = await _read_ingest_body(scope, receive, buffer, settings.max_body_bytes)
     try:
         row = decode_row(body, max_depth=settings.max_depth)
     except InvalidEvent as exc:
         metrics.EVENTS_REJECTED.inc()
         message = f"invalid event: {exc.message} at {exc.path}"
-        return _invalid(message, [FieldError(exc.path, exc.message)])
-    refused = await _enqueue(request, buffer, settings, [row], len(body))
+        return 400, ErrorBody(message, [FieldError(exc.path, exc.message)])
+    refused = await _enqueue(scope, buffer, settings, [row], len(body))
     if refused:
-        return _invalid(REFUSED, [FieldError("$", REFUSED)])
+        return 400, ErrorBody(REFUSED, [FieldError("$", REFUSED)])
     accepted = EventAccepted(id=row[3], trace_id=row[2])
     if refused is None:
-        return MsgspecResponse(accepted, status_code=202)
+        return 202, accepted
     accepted.message = "Event committed"
-    return MsgspecResponse(accepted, status_code=201)
+    return 201, accepted
 
 
-async def ingest_batch(request: Request) -> Response:
+async def _ingest_batch(scope: Scope, receive: Receive) -> tuple[int, Struct]:
     """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
-    buffer, settings = _buffer(request), _settings(request)
-    body = await _read_ingest_body(request, buffer, settings.max_body_bytes)
-    content_type = (_header(request, b"content-type") or "").split(";", 1)[0].strip().lower()
+    state = scope["app"].state
+    buffer: Buffer = state.buffer
+    settings: Settings = state.settings
+    body = await _read_ingest_body(scope, receive, buffer, settings.max_body_bytes)
+    content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
     try:
         batch = decode_batch(
             body, content_type in NDJSON_TYPES, settings.max_batch_events, settings.max_depth
         )
     except InvalidEvent as exc:
-        return _invalid(
+        message = (
             f'invalid batch: {exc.message} at {exc.path}; send {{"events": [...]}}, '
-            "a JSON array or NDJSON",
-            [FieldError(exc.path, exc.message)],
+            "a JSON array or NDJSON"
         )
+        return 400, ErrorBody(message, [FieldError(exc.path, exc.message)])
     if not batch.ids:
-        return _invalid("batch is empty", [FieldError("$.events", "no events in the batch")])
+        return 400, ErrorBody("batch is empty", [FieldError("$.events", "no events in the batch")])
     if batch.errors:
         metrics.EVENTS_REJECTED.inc(len(batch.errors))
     refused = (
-        await _enqueue(request, buffer, settings, batch.rows, batch.size) if batch.rows else None
+        await _enqueue(scope, buffer, settings, batch.rows, batch.size) if batch.rows else None
     )
     if refused:
         _mark_refused(batch, refused)
@@ -201,9 +239,11 @@ async def ingest_batch(request: Request) -> Response:
         status, message = 207, f"{accepted} events {verb}, {len(batch.errors)} rejected"
     else:
         status, message = 400, f"all {len(batch.errors)} events rejected"
-    return MsgspecResponse(
-        BatchAccepted(accepted, accepted, batch.ids, batch.errors, message), status_code=status
-    )
+    return status, BatchAccepted(accepted, accepted, batch.ids, batch.errors, message)
+
+
+ingest_event: Final = IngestEndpoint(_ingest_event)
+ingest_batch: Final = IngestEndpoint(_ingest_batch)
 
 
 def _mark_refused(batch: DecodedBatch, refused: Refusals) -> None:
