@@ -240,6 +240,23 @@ async def test_copy_stores_rows_with_payloads_and_trace_start(pool: db.Pool) -> 
     assert start == rows[1][6]
 
 
+async def test_a_connection_back_in_the_pool_is_not_reset_but_its_transaction_is_ended(
+    database_dsn: str,
+) -> None:
+    pool = await db.create_pool(database_dsn, max_size=1)
+    try:
+        async with pool.acquire() as connection:
+            await connection.execute("SET application_name = 'kept'")
+            transaction = connection.transaction()
+            await transaction.start()
+        async with pool.acquire() as connection:
+            # asyncpg's default reset query (RESET ALL, ...) would have undone the SET.
+            assert await connection.fetchval("SHOW application_name") == "kept"
+            assert not connection.is_in_transaction()
+    finally:
+        await pool.close()
+
+
 async def test_copy_skips_events_already_stored_or_repeated_in_the_batch(pool: db.Pool) -> None:
     rows = make_rows(3)
     assert await db.copy_events(pool, rows) == 3

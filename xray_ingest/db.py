@@ -69,6 +69,13 @@ async def init_connection(connection: Connection) -> None:
     )
 
 
+async def _keep_session(connection: Connection) -> None:
+    """What a connection returned to the pool needs undone: nothing. Our queries set no session
+    state (no SET, LISTEN, cursor or advisory lock; the migrator has its own connection), and
+    asyncpg still rolls back an open transaction first. Its default reset query instead costs
+    every flush and every read one more round trip (RESET ALL, UNLISTEN *, CLOSE ALL, ...)."""
+
+
 async def create_pool(dsn: str, max_size: int) -> Pool:
     """Opens a pool that connects lazily, so the server starts (degraded) while the database is
     away and reconnects by itself when it is back."""
@@ -77,6 +84,7 @@ async def create_pool(dsn: str, max_size: int) -> Pool:
         min_size=0,
         max_size=max_size,
         init=init_connection,
+        reset=_keep_session,
         # Times that the database itself renders (inside JSON documents) come out in UTC.
         server_settings={
             "timezone": "UTC",
