@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import zlib
 from collections.abc import AsyncIterator
@@ -76,6 +75,10 @@ def _decompressor(encoding: str) -> _Decompressor | None:
     )
 
 
+def _too_large(limit: int) -> BodyTooLargeError:
+    return BodyTooLargeError(f"request body is larger than {limit} bytes")
+
+
 async def read_body(
     parts: AsyncIterator[bytes], encoding: str, declared_length: str | None, limit: int
 ) -> bytes:
@@ -84,10 +87,8 @@ async def read_body(
     Raises BodyTooLargeError past the limit, UnsupportedEncodingError for an unknown
     Content-Encoding and BadRequestError for a corrupt compressed body.
     """
-    # Made only when needed: building an exception on every request costs the hot path.
-    too_large = functools.partial(BodyTooLargeError, f"request body is larger than {limit} bytes")
     if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
-        raise too_large()
+        raise _too_large(limit)
     decompressor = _decompressor(encoding.strip().lower())
     chunks: list[bytes] = []
     received = produced = 0
@@ -95,18 +96,18 @@ async def read_body(
         async for part in parts:
             received += len(part)
             if received > limit:
-                raise too_large()
+                raise _too_large(limit)
             if decompressor is not None:
                 part = decompressor.feed(part, limit - produced)
             produced += len(part)
             if produced > limit:
-                raise too_large()
+                raise _too_large(limit)
             chunks.append(part)
         if decompressor is not None:
             rest = decompressor.finish(limit - produced)
             produced += len(rest)
             if produced > limit:
-                raise too_large()
+                raise _too_large(limit)
             chunks.append(rest)
     except (zlib.error, zstandard.ZstdError) as exc:
         raise BadRequestError(f"the {encoding} body is corrupt: {exc}") from None
