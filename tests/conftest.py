@@ -92,6 +92,5 @@ def kill_leftover_servers() -> Iterator[None]:
     yield
     while Server.started:
         server = Server.started.pop()
-        if server.process.poll() is None:
-            server.process.kill()
+        server.kill()
         server.output(timeout_s=10)

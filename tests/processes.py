@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +98,12 @@ class Server:
         assert self.process.returncode == 0, output
         return output
 
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers (its process group): killing the supervisor
+        alone leaves the workers serving."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
     def peak_rss_mib(self) -> float:
         """Peak resident memory (VmHWM), summed over the server and its workers."""
         return sum(peak_rss_mib(pid) for pid in process_tree(self.process.pid))
@@ -106,7 +113,7 @@ class Server:
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.kill()
             self.process.wait()
         if self.log.closed:
             return ""

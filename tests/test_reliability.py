@@ -159,7 +159,7 @@ async def test_kill_9_in_durable_mode_loses_no_event_that_got_a_201(database_dsn
     server = Server(base_env(DATABASE_URL=database_dsn))
     loader = Loader(server.port, threads=6, size=20, durable=True)
     time.sleep(1.5)
-    server.process.kill()
+    server.kill()
     server.output(timeout_s=10)
     acked = loader.stop()
     stored = await stored_span_ids(database_dsn)
