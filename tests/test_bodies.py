@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator
 
 import pytest
 import zstandard
+from starlette.types import Message, Receive
 
 from xray_ingest.bodies import read_body
 from xray_ingest.errors import BadRequestError, BodyTooLargeError, UnsupportedEncodingError
@@ -14,9 +14,16 @@ from xray_ingest.errors import BadRequestError, BodyTooLargeError, UnsupportedEn
 LIMIT = 100_000
 
 
-async def parts_of(data: bytes, size: int = 8192) -> AsyncIterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]
+def parts_of(data: bytes, size: int = 8192) -> Receive:
+    """An ASGI receive() handing out data in parts of size bytes."""
+    starts = iter(range(0, max(len(data), 1), size))
+
+    async def receive() -> Message:
+        start = next(starts)
+        more_body = start + size < len(data)
+        return {"type": "http.request", "body": data[start : start + size], "more_body": more_body}
+
+    return receive
 
 
 async def read(data: bytes, encoding: str = "", declared: str | None = None) -> bytes:

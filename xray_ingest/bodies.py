@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 import zstandard
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from xray_ingest.errors import BadRequestError, BodyTooLargeError, UnsupportedEncodingError
 
@@ -80,20 +81,29 @@ def _too_large(limit: int) -> BodyTooLargeError:
 
 
 async def read_body(
-    parts: AsyncIterator[bytes], encoding: str, declared_length: str | None, limit: int
+    receive: Receive, encoding: str, declared_length: str | None, limit: int
 ) -> bytes:
-    """Reads and decodes a body of at most limit bytes, before and after decompression.
+    """Reads the body from the request's ASGI messages and decodes it, at most limit bytes
+    before and after decompression. (It loops over receive() itself: through an async generator,
+    reading a 1 KB body took 15.4k instructions instead of 8.3k.)
 
-    Raises BodyTooLargeError past the limit, UnsupportedEncodingError for an unknown
-    Content-Encoding and BadRequestError for a corrupt compressed body.
+    Raises ClientDisconnect when the client leaves before the end, BodyTooLargeError past the
+    limit, UnsupportedEncodingError for an unknown Content-Encoding and BadRequestError for a
+    corrupt compressed body.
     """
     if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
         raise _too_large(limit)
     decompressor = _decompressor(encoding.strip().lower())
     chunks: list[bytes] = []
     received = produced = 0
+    more_body = True
     try:
-        async for part in parts:
+        while more_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            part: bytes = message.get("body", b"")
+            more_body = message.get("more_body", False)
             received += len(part)
             if received > limit:
                 raise _too_large(limit)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
 
 from asyncpg import Record
 from msgspec import Struct
 from starlette.datastructures import QueryParams
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -118,22 +118,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _body_parts(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body's parts as they arrive, as Request.stream() yields them."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
 async def _read_ingest_body(scope: Scope, receive: Receive, buffer: Buffer, limit: int) -> bytes:
     # Refuse before reading or decoding anything when no event could be taken.
     buffer.check_open()
     body = await read_body(
-        _body_parts(receive),
+        receive,
         _header(scope, b"content-encoding") or "",
         _header(scope, b"content-length"),
         limit,
