@@ -84,9 +84,12 @@ def pool_of(request: Request) -> db.Pool:
     return pool
 
 
-# An ingest handler: reads the request from the scope and receive, and returns the status and
-# the document to answer with (errors it raises go to the app's exception handlers).
-IngestHandler: TypeAlias = Callable[[Scope, Receive], Awaitable[tuple[int, Struct]]]
+# An ingest handler: reads the request from the scope and receive, queues its events in the
+# worker's buffer, and returns the status and the document to answer with (errors it raises go
+# to the app's exception handlers).
+IngestHandler: TypeAlias = Callable[
+    [Scope, Receive, Buffer, Settings], Awaitable[tuple[int, Struct]]
+]
 
 
 _JSON: Final = MsgspecResponse.media_type.encode()
@@ -100,7 +103,8 @@ class IngestEndpoint:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status, document = await self.handler(scope, receive)
+        state = scope["app"].state
+        status, document = await self.handler(scope, receive, state.buffer, state.settings)
         content = ENCODER.encode(document)
         headers = [(b"content-length", b"%d" % len(content)), (b"content-type", _JSON)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -172,11 +176,10 @@ async def _enqueue(
         ) from None
 
 
-async def _ingest_event(scope: Scope, receive: Receive) -> tuple[int, Struct]:
+async def _ingest_event(
+    scope: Scope, receive: Receive, buffer: Buffer, settings: Settings
+) -> tuple[int, Struct]:
     """POST /v1/events: one event object."""
-    state = scope["app"].state
-    buffer: Buffer = state.buffer
-    settings: Settings = state.settings
     body = await _read_ingest_body(scope, receive, buffer, settings.max_body_bytes)
     try:
         row = decode_row(body, max_depth=settings.max_depth)
@@ -194,11 +197,10 @@ async def _ingest_event(scope: Scope, receive: Receive) -> tuple[int, Struct]:
     return 201, accepted
 
 
-async def _ingest_batch(scope: Scope, receive: Receive) -> tuple[int, Struct]:
+async def _ingest_batch(
+    scope: Scope, receive: Receive, buffer: Buffer, settings: Settings
+) -> tuple[int, Struct]:
     """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
-    state = scope["app"].state
-    buffer: Buffer = state.buffer
-    settings: Settings = state.settings
     body = await _read_ingest_body(scope, receive, buffer, settings.max_body_bytes)
     content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
     try:
