@@ -1,8 +1,11 @@
 """How many events/s does the server commit, against raw asyncpg COPY of the same rows?
 
-Run as `python -m benchmarks.bench_ingest` (`make bench`). Prints one JSON line per scenario,
-then a table, and writes benchmarks/results/ingest.json. The ceiling is measured in the same run,
-on the same table, so the ratios hold even when absolute numbers drift on a shared machine.
+Run as `python -m benchmarks.bench_ingest` (`make bench`). Prints one JSON line per scenario and
+round, then a table of each scenario's medians over the rounds, and writes
+benchmarks/results/ingest.json. The ceiling is measured in the same run, on the same table, so
+the ratios hold even when absolute numbers drift on a shared machine; the scenarios run in
+several interleaved rounds because the drift is fast too (±20% from one minute to the next was
+seen on this class of machine), so one sample of a scenario says little about the next.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import argparse
 import asyncio
 import gc
 import json
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,8 @@ RETRY_503_S = 0.05
 
 @dataclass
 class Result:
+    """One scenario, one round."""
+
     scenario: str
     batch_size: int
     connections: int
@@ -60,7 +66,67 @@ class Result:
     server_cpu_us_per_event: float
     load_generator_cpu_us_per_event: float
     other_cpu_us_per_event: float
+    round: int = 1
+
+
+@dataclass
+class Summary:
+    """One scenario over the rounds: the median of each figure (so the columns of one row need
+    not come from the same round), the spread of the committed rate, and the peak memory and
+    503s over all rounds."""
+
+    scenario: str
+    batch_size: int
+    connections: int
+    rounds: int
+    committed_events_per_s: float
+    committed_min: float
+    committed_max: float
+    requests_per_s: float
+    acked_events_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    server_peak_rss_mib: float
+    refused_503: int
+    server_cpu_us_per_event: float
+    load_generator_cpu_us_per_event: float
+    other_cpu_us_per_event: float
     ratio_to_ceiling: float = float("nan")
+    # Durable scenarios: the median over rounds of this scenario's committed rate against the
+    # fast-mode scenario of the same batch size and connections, run just before it.
+    ratio_to_fast: float | None = None
+    committed_by_round: list[float] = field(default_factory=list)
+
+
+_MEDIAN_FIELDS = (
+    "committed_events_per_s",
+    "requests_per_s",
+    "acked_events_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "server_cpu_us_per_event",
+    "load_generator_cpu_us_per_event",
+    "other_cpu_us_per_event",
+)
+
+
+def summarize(rounds: list[Result]) -> Summary:
+    """One scenario's results over its rounds."""
+    first = rounds[0]
+    committed = [r.committed_events_per_s for r in rounds]
+    medians = {name: statistics.median(getattr(r, name) for r in rounds) for name in _MEDIAN_FIELDS}
+    return Summary(
+        scenario=first.scenario,
+        batch_size=first.batch_size,
+        connections=first.connections,
+        rounds=len(rounds),
+        committed_min=min(committed),
+        committed_max=max(committed),
+        server_peak_rss_mib=max(r.server_peak_rss_mib for r in rounds),
+        refused_503=sum(r.refused_503 for r in rounds),
+        committed_by_round=committed,
+        **medians,
+    )
 
 
 async def truncate(dsn: str) -> None:
@@ -188,25 +254,29 @@ async def drive(
     return result
 
 
-def print_table(ceilings: dict[str, float], results: list[Result]) -> None:
+def print_table(ceilings: dict[str, float], summaries: list[Summary]) -> None:
     print()
     for name, value in ceilings.items():
-        print(f"raw COPY ceiling, {name}: {value:,.0f} rows/s")
+        print(f"raw COPY ceiling, {name}: {value:,.0f} rows/s (the best of its runs)")
+    rounds = max(s.rounds for s in summaries)
+    print(f"medians over {rounds} round(s); committed min-max; peak RSS and 503s over all rounds")
     header = (
-        f"{'scenario':<16}{'conns':>6}{'req/s':>9}{'acked ev/s':>12}{'committed ev/s':>16}"
-        f"{'x ceiling':>10}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}{'503s':>7}"
-        f"{'CPU us/event: server':>22}{'load gen':>10}{'rest':>7}"
+        f"{'scenario':<18}{'conns':>6}{'req/s':>9}{'acked ev/s':>12}{'committed ev/s':>16}"
+        f"{'min-max':>17}{'x ceiling':>10}{'x fast':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'peak RSS MiB':>14}{'503s':>7}{'CPU us/event: server':>22}{'load gen':>10}{'rest':>7}"
     )
     print(header)
     print("-" * len(header))
-    for r in results:
+    for s in summaries:
+        spread = f"{s.committed_min:,.0f}-{s.committed_max:,.0f}"
+        to_fast = "" if s.ratio_to_fast is None else f"{s.ratio_to_fast:.2f}"
         print(
-            f"{r.scenario:<16}{r.connections:>6}{r.requests_per_s:>9,.0f}"
-            f"{r.acked_events_per_s:>12,.0f}{r.committed_events_per_s:>16,.0f}"
-            f"{r.ratio_to_ceiling:>10.2f}{r.latency_p50_ms:>9.2f}{r.latency_p99_ms:>9.2f}"
-            f"{r.server_peak_rss_mib:>14.1f}{r.refused_503:>7}"
-            f"{r.server_cpu_us_per_event:>22.1f}{r.load_generator_cpu_us_per_event:>10.1f}"
-            f"{r.other_cpu_us_per_event:>7.1f}"
+            f"{s.scenario:<18}{s.connections:>6}{s.requests_per_s:>9,.0f}"
+            f"{s.acked_events_per_s:>12,.0f}{s.committed_events_per_s:>16,.0f}{spread:>17}"
+            f"{s.ratio_to_ceiling:>10.2f}{to_fast:>8}{s.latency_p50_ms:>9.2f}"
+            f"{s.latency_p99_ms:>9.2f}{s.server_peak_rss_mib:>14.1f}{s.refused_503:>7}"
+            f"{s.server_cpu_us_per_event:>22.1f}{s.load_generator_cpu_us_per_event:>10.1f}"
+            f"{s.other_cpu_us_per_event:>7.1f}"
         )
 
 
@@ -217,14 +287,18 @@ class Scenario:
     durable: bool = False
 
 
+# Each durable scenario runs right after the fast one it is compared with, so that the two are
+# measured as close together as they can be.
 SCENARIOS = [
     Scenario(100, 8),
+    Scenario(100, 8, durable=True),
     Scenario(1000, 4),
     Scenario(10, 16),
     Scenario(1, 64),
-    Scenario(100, 8, durable=True),
 ]
-SMOKE_SCENARIOS = [Scenario(100, 4), Scenario(1, 8), Scenario(100, 4, durable=True)]
+SMOKE_SCENARIOS = [Scenario(100, 4), Scenario(100, 4, durable=True), Scenario(1, 8)]
+DEFAULT_ROUNDS = 3
+SMOKE_ROUNDS = 2
 
 
 async def measure_ceiling(dsn: str, rows: list[Row], connections: int, runs: list[float]) -> None:
@@ -234,7 +308,26 @@ async def measure_ceiling(dsn: str, rows: list[Row], connections: int, runs: lis
     runs.append(rate)
 
 
-async def run(events: int, scenarios: list[Scenario]) -> dict[str, Any]:
+def durable_against_fast(
+    scenarios: list[Scenario], by_scenario: list[list[Result]], summaries: list[Summary]
+) -> None:
+    """Sets each durable scenario's ratio_to_fast: the median over rounds of its committed rate
+    against that of the fast scenario with the same batch size and connections."""
+    for scenario, rounds, summary in zip(scenarios, by_scenario, summaries, strict=True):
+        if not scenario.durable:
+            continue
+        fast = Scenario(scenario.batch_size, scenario.connections)
+        if fast not in scenarios:
+            continue
+        fast_rounds = by_scenario[scenarios.index(fast)]
+        ratios = [
+            durable.committed_events_per_s / quick.committed_events_per_s
+            for durable, quick in zip(rounds, fast_rounds, strict=True)
+        ]
+        summary.ratio_to_fast = round(statistics.median(ratios), 3)
+
+
+async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, Any]:
     print(f"generating {events:,} events ...", file=sys.stderr)
     payloads = realistic_events(events)
     encoded = [dumps(event) for event in payloads]
@@ -244,43 +337,50 @@ async def run(events: int, scenarios: list[Scenario]) -> dict[str, Any]:
     # sight, so that its full collections do not take CPU from the server being measured.
     gc.collect()
     gc.freeze()
+    by_scenario: list[list[Result]] = [[] for _ in scenarios]
     with postgres_server() as server_dsn:
         async with fresh_database(server_dsn) as dsn:
-            # The two-connection ceiling is measured before the scenarios and again after them,
-            # and the best run counts: it drifts between runs on a shared machine, and the best
-            # is the harder bar.
+            # The two-connection ceiling is measured before the scenarios and again after each
+            # round, and the best run counts: it drifts between runs on a shared machine, and
+            # the best is the harder bar.
             ceiling_runs: dict[int, list[float]] = {1: [], 2: []}
             for connections in (1, 2):
                 await measure_ceiling(dsn, rows, connections, ceiling_runs[connections])
-            results = []
-            for scenario in scenarios:
-                print(f"{scenario} ...", file=sys.stderr)
-                result = await drive(
-                    dsn,
-                    encoded,
-                    scenario.batch_size,
-                    scenario.connections,
-                    "?wait=true" if scenario.durable else "",
-                )
-                print(json.dumps(asdict(result)))
-                results.append(result)
-            await measure_ceiling(dsn, rows, 2, ceiling_runs[2])
+            for number in range(1, rounds + 1):
+                for scenario, results in zip(scenarios, by_scenario, strict=True):
+                    print(f"round {number}/{rounds}: {scenario} ...", file=sys.stderr)
+                    result = await drive(
+                        dsn,
+                        encoded,
+                        scenario.batch_size,
+                        scenario.connections,
+                        "?wait=true" if scenario.durable else "",
+                    )
+                    result.round = number
+                    print(json.dumps(asdict(result)))
+                    results.append(result)
+                await measure_ceiling(dsn, rows, 2, ceiling_runs[2])
     ceilings = {f"{n} connection(s)": max(runs) for n, runs in ceiling_runs.items()}
     ceiling = max(ceilings.values())
-    for result in results:
-        result.ratio_to_ceiling = round(result.committed_events_per_s / ceiling, 3)
-    print_table(ceilings, results)
+    summaries = [summarize(results) for results in by_scenario]
+    for summary in summaries:
+        summary.ratio_to_ceiling = round(summary.committed_events_per_s / ceiling, 3)
+    durable_against_fast(scenarios, by_scenario, summaries)
+    print_table(ceilings, summaries)
     return {
         "events": events,
         "mean_event_bytes": round(mean_size),
+        "rounds": rounds,
         "ceiling_rows_per_s": ceilings,
         "ceiling_runs": {f"{n} connection(s)": runs for n, runs in ceiling_runs.items()},
-        "results": [asdict(r) for r in results],
+        "results": [asdict(s) for s in summaries],
+        "runs": [asdict(r) for results in by_scenario for r in results],
     }
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Committed events/s per scenario beside the raw COPY ceilings of the same run."""
+    """Committed events/s per scenario (the median, with the spread over the rounds) beside the
+    raw COPY ceilings of the same run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,11 +389,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     results = report["results"]
     names = [r["scenario"] for r in results]
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    axes.bar(names, [r["committed_events_per_s"] for r in results], color="#4477aa")
+    medians = [r["committed_events_per_s"] for r in results]
+    spread = [
+        [m - r["committed_min"] for m, r in zip(medians, results, strict=True)],
+        [r["committed_max"] - m for m, r in zip(medians, results, strict=True)],
+    ]
+    axes.bar(names, medians, yerr=spread, capsize=4, color="#4477aa")
     for label, value in report["ceiling_rows_per_s"].items():
         axes.axhline(value, linestyle="--", color="#cc6677")
         axes.text(len(names) - 0.5, value, f"raw COPY, {label}", ha="right", va="bottom")
-    axes.set_ylabel("committed events/s")
+    axes.set_ylabel(f"committed events/s (median of {report['rounds']} rounds, min-max)")
     axes.set_title(f"xray-ingest: {report['events']:,} events of ~{report['mean_event_bytes']} B")
     axes.tick_params(axis="x", labelrotation=15)
     figure.tight_layout()
@@ -304,10 +409,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument(
+        "--rounds", type=int, help=f"times each scenario runs (default {DEFAULT_ROUNDS})"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for the tests")
     args = parser.parse_args()
     events = 4_000 if args.smoke else args.events
-    report = run_async(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS))
+    rounds = args.rounds or (SMOKE_ROUNDS if args.smoke else DEFAULT_ROUNDS)
+    report = run_async(run(events, SMOKE_SCENARIOS if args.smoke else SCENARIOS, rounds))
     RESULTS_DIR.mkdir(exist_ok=True)
     name = "ingest-smoke" if args.smoke else "ingest"
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -40,8 +40,19 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
     assert (RESULTS / "ingest-smoke.png").read_bytes().startswith(b"\x89PNG")
     assert report["events"] == 4000
     assert all(value > 0 for value in report["ceiling_rows_per_s"].values())
-    assert len(report["ceiling_runs"]["2 connection(s)"]) == 2  # before and after the scenarios
+    # Two rounds: the ceiling before them and after each.
+    assert report["rounds"] == 2
+    assert len(report["ceiling_runs"]["2 connection(s)"]) == 3
+    assert len(report["runs"]) == 2 * len(report["results"])
     for result in report["results"]:
+        assert result["rounds"] == 2
+        assert result["committed_min"] <= result["committed_events_per_s"]
+        assert result["committed_events_per_s"] <= result["committed_max"]
+        assert sorted(result["committed_by_round"]) == [
+            result["committed_min"],
+            result["committed_max"],
+        ]
+        assert (result["ratio_to_fast"] is not None) == result["scenario"].endswith("durable")
         assert result["committed_events_per_s"] > 0
         assert result["ratio_to_ceiling"] > 0
         assert result["server_peak_rss_mib"] > 0
