@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 from tests import samples
 from tests.samples import dumps
 from tests.test_routes import settings_for, wait_until_stored
-from xray_ingest import db
+from xray_ingest import db, routes
 from xray_ingest.app import create_app
 from xray_ingest.errors import XrayError
 from xray_ingest.logconfig import JsonFormatter
@@ -65,6 +65,39 @@ def test_a_500_says_only_that_something_failed_and_the_request_id(
     assert response.headers["X-Request-ID"] == body["request_id"]
     logged = [r for r in caplog.records if getattr(r, "request_id", None) == body["request_id"]]
     assert logged and logged[0].exc_info is not None  # the details are in the log
+
+
+@pytest.mark.parametrize("error", [RuntimeError(SECRET), XrayError(SECRET)])
+@pytest.mark.parametrize(
+    ("path", "decoder", "body"),
+    [
+        ("/v1/events", "decode_row", dumps(samples.llm_call())),
+        ("/v1/events/batch", "decode_batch", dumps({"events": [samples.llm_call()]})),
+    ],
+)
+def test_an_ingest_500_says_only_that_something_failed_and_the_request_id(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    path: str,
+    decoder: str,
+    body: bytes,
+) -> None:
+    # The ingest POSTs skip Starlette's router and exception middleware (routes.IngestLane).
+    def failing(*args: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(routes, decoder, failing)
+    with caplog.at_level(logging.ERROR):
+        response = client.post(path, content=body)
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": "internal server error",
+        "request_id": response.headers["X-Request-ID"],
+    }
+    logged = [r for r in caplog.records if getattr(r, "request_id", None)]
+    assert logged and logged[0].exc_info is not None
 
 
 def test_every_response_carries_a_request_id_and_keeps_a_plain_one_from_the_caller(

@@ -179,9 +179,10 @@ async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
 
 
 def _middleware(
-    settings: Settings, keyring: KeyRing, access_log: AccessLog | None
+    settings: Settings, keyring: KeyRing, access_log: AccessLog | None, app_routes: list[Route]
 ) -> list[Middleware]:
-    """Outermost first: every request is observed; CORS answers preflights before auth."""
+    """Outermost first: every request is observed; CORS answers preflights before auth; the
+    ingest POSTs that pass it go straight to their endpoints."""
     stack = [Middleware(ObserveMiddleware, access_log=access_log)]
     if settings.cors_origins:
         stack.append(
@@ -202,6 +203,7 @@ def _middleware(
             )
         )
     stack.append(Middleware(AuthMiddleware, keyring=keyring))
+    stack.append(Middleware(routes.IngestLane, routes=app_routes))
     return stack
 
 
@@ -258,24 +260,26 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             except TimeoutError:
                 pool.terminate()
 
+    # Routes are tried in order: the ingest routes, which take nearly every request, first (the
+    # ingest POSTs themselves skip the router: see routes.IngestLane).
+    app_routes = [
+        Route("/v1/events", routes.ingest_event, methods=["POST"]),
+        Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
+        Route("/health", routes.health, methods=["GET"]),
+        Route("/ready", routes.ready, methods=["GET"]),
+        Route("/metrics", routes.metrics_text, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
+        Route("/v1/events", routes.list_trace_events, methods=["GET"]),
+        Route("/v1/events/{span_id}", routes.get_event, methods=["GET"]),
+        Route("/v1/traces", routes.list_traces, methods=["GET"]),
+        Route("/v1/traces/{trace_id}", routes.get_trace, methods=["GET"]),
+        Route("/v1/analytics/high-drop-traces", analytics.high_drop_traces, methods=["GET"]),
+        Route("/v1/analytics/drop-reasons", analytics.drop_reasons, methods=["GET"]),
+        Route("/v1/analytics/funnel-stats", analytics.funnel_stats, methods=["GET"]),
+        Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
+    ]
     app = Starlette(
-        # Routes are tried in order: the ingest routes, which take nearly every request, first.
-        routes=[
-            Route("/v1/events", routes.ingest_event, methods=["POST"]),
-            Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/ready", routes.ready, methods=["GET"]),
-            Route("/metrics", routes.metrics_text, methods=["GET"]),
-            Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
-            Route("/v1/events", routes.list_trace_events, methods=["GET"]),
-            Route("/v1/events/{span_id}", routes.get_event, methods=["GET"]),
-            Route("/v1/traces", routes.list_traces, methods=["GET"]),
-            Route("/v1/traces/{trace_id}", routes.get_trace, methods=["GET"]),
-            Route("/v1/analytics/high-drop-traces", analytics.high_drop_traces, methods=["GET"]),
-            Route("/v1/analytics/drop-reasons", analytics.drop_reasons, methods=["GET"]),
-            Route("/v1/analytics/funnel-stats", analytics.funnel_stats, methods=["GET"]),
-            Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
-        ],
+        routes=app_routes,
         exception_handlers={
             QueueFullError: _unavailable,
             ShuttingDownError: _unavailable,
@@ -290,7 +294,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             XrayError: _internal_error,
             Exception: _internal_error,
         },
-        middleware=_middleware(settings, keyring, access_log),
+        middleware=_middleware(settings, keyring, access_log, app_routes),
         lifespan=lifespan,
     )
     app.state.settings = settings
