@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,11 @@ def test_two_workers_log_json_and_report_metrics_summed_over_both(database_dsn: 
     for _ in range(40):
         posted += len(post_batches(server.port, trace_id, batches=1, size=5))
     scrapes = [request_text(server.port, "/metrics") for _ in range(10)]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as answer:
+        headers = answer.headers
     output = server.stop()
+    # HTTP's Date, but not uvicorn's name (server_header=False).
+    assert "Date" in headers and "Server" not in headers
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]
     posting_pids = {
         line["pid"]

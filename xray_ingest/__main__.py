@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             log_config=logging_config(settings.log_level, settings.log_format),
             # No proxy in front by default; forwarded headers would cost every request.
             proxy_headers=False,
+            # No `server: uvicorn` header: it tells a client what to attack, and formatting
+            # and checking it cost each single-event POST 4.5k of its 386k instructions.
+            server_header=False,
         )
     return 0
 
