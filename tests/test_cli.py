@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
@@ -137,6 +138,23 @@ def test_two_workers_log_json_and_report_metrics_summed_over_both(database_dsn: 
     # Each request opens a new connection; the kernel spreads them over both workers.
     for _ in range(40):
         posted += len(post_batches(server.port, trace_id, batches=1, size=5))
+    # Request metrics reach a scrape by the other worker within a second (metrics.RequestTally):
+    # one connection, so one worker answers every scrape, and the other's requests (both took
+    # some: checked below) reach it only through that worker's periodic flush.
+    batch_requests = re.compile(
+        r'^xray_http_requests_total\{method="POST",route="/v1/events/batch",status="202"\} (\S+)$',
+        re.MULTILINE,
+    )
+    scraper = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    deadline = time.monotonic() + 5
+    while True:
+        scraper.request("GET", "/metrics")
+        counted = batch_requests.search(scraper.getresponse().read().decode())
+        if (counted and float(counted[1]) == 40) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    scraper.close()
+    assert counted and float(counted[1]) == 40
     scrapes = [request_text(server.port, "/metrics") for _ in range(10)]
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as answer:
         headers = answer.headers

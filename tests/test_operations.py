@@ -18,13 +18,14 @@ from typing import Any
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from tests import samples
 from tests.samples import dumps
 from tests.test_routes import settings_for, wait_until_stored
-from xray_ingest import db, routes
+from xray_ingest import db, metrics, routes
 from xray_ingest.app import create_app
 from xray_ingest.errors import XrayError
 from xray_ingest.logconfig import JsonFormatter
@@ -240,6 +241,42 @@ def test_metrics_count_requests_events_and_flushes(client: TestClient) -> None:
         assert f"\nxray_{name} " in text
     for name in ("copy_retries_total", "events_dead_lettered_total", "events_duplicate_total"):
         assert f"\nxray_{name} " in text
+
+
+def test_the_request_tally_writes_what_counting_each_request_would() -> None:
+    registry = CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1)
+    tallied = (
+        Counter("tallied_requests", "", ["route", "method", "status"], registry=registry),
+        Histogram("tallied_seconds", "", ["route"], buckets=buckets, registry=registry),
+    )
+    direct = (
+        Counter("direct_requests", "", ["route", "method", "status"], registry=registry),
+        Histogram("direct_seconds", "", ["route"], buckets=buckets, registry=registry),
+    )
+    tally = metrics.RequestTally(*tallied)
+    # On a bucket's bound (which it holds), between bounds, past the last, twice the same.
+    requests = [("/a", "POST", 202, 0.001), ("/a", "POST", 202, 0.0011), ("/b", "GET", 404, 5.0)]
+    requests += [("/a", "POST", 400, 0.05), ("/a", "POST", 202, 0.0011)]
+    for number, (route, method, status, seconds) in enumerate(requests):
+        tally.add(route, method, status, seconds)
+        direct[0].labels(route, method, str(status)).inc()
+        direct[1].labels(route).observe(seconds)
+        if number == 2:
+            tally.flush()  # a flush in between, and nothing counted twice
+    tally.flush()
+    tally.flush()
+    lines = generate_latest(registry).decode().splitlines()
+    samples_of = {
+        prefix: sorted(
+            line.removeprefix(prefix)
+            for line in lines
+            if line.startswith(prefix) and "_created" not in line  # when each series began
+        )
+        for prefix in ("tallied_", "direct_")
+    }
+    assert samples_of["tallied_"] == samples_of["direct_"]
+    assert 'requests_total{method="POST",route="/a",status="202"} 3.0' in samples_of["direct_"]
 
 
 def test_unknown_methods_do_not_make_new_metric_labels(client: TestClient) -> None:

@@ -179,11 +179,15 @@ async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
 
 
 def _middleware(
-    settings: Settings, keyring: KeyRing, access_log: AccessLog | None, app_routes: list[Route]
+    settings: Settings,
+    keyring: KeyRing,
+    access_log: AccessLog | None,
+    tally: metrics.RequestTally,
+    app_routes: list[Route],
 ) -> list[Middleware]:
     """Outermost first: every request is observed; CORS answers preflights before auth; the
     ingest POSTs that pass it go straight to their endpoints."""
-    stack = [Middleware(ObserveMiddleware, access_log=access_log)]
+    stack = [Middleware(ObserveMiddleware, access_log=access_log, tally=tally)]
     if settings.cors_origins:
         stack.append(
             Middleware(
@@ -218,6 +222,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
     if keyring is None:
         keyring = KeyRing(always_required=settings.auth == "required")
     access_log = AccessLog(settings.log_format) if settings.access_log else None
+    tally = metrics.RequestTally(metrics.REQUESTS, metrics.REQUEST_SECONDS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -241,7 +246,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             flusher.start()
             background = [
                 asyncio.create_task(keyring.refresh_forever(pool, settings.auth_refresh_s)),
-                asyncio.create_task(metrics.sample_forever(buffer, pool)),
+                asyncio.create_task(metrics.sample_forever(buffer, pool, tally)),
             ]
             if access_log is not None:
                 background.append(asyncio.create_task(access_log.flush_forever()))
@@ -294,9 +299,10 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             XrayError: _internal_error,
             Exception: _internal_error,
         },
-        middleware=_middleware(settings, keyring, access_log, app_routes),
+        middleware=_middleware(settings, keyring, access_log, tally, app_routes),
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.keyring = keyring
+    app.state.request_tally = tally
     return app

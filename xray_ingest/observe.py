@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -120,11 +120,12 @@ class ObserveMiddleware:
     status, and logs one access line: request id, method, route, status and duration. Never the
     query string, a header or the body: they can carry keys, prompts or user data."""
 
-    def __init__(self, app: ASGIApp, access_log: AccessLog | None) -> None:
+    def __init__(
+        self, app: ASGIApp, access_log: AccessLog | None, tally: metrics.RequestTally
+    ) -> None:
         self.app = app
         self.access_log = access_log
-        # Label children by (route, method, status): labels() takes a lock and builds a key.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.tally = tally
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,15 +156,6 @@ class ObserveMiddleware:
         route = scope.get("route")
         route_path: str = getattr(route, "path", UNMATCHED_ROUTE)
         method: str = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        key = (route_path, method, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                metrics.REQUESTS.labels(route_path, method, str(status)),
-                metrics.REQUEST_SECONDS.labels(route_path),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.tally.add(route_path, method, status, seconds)
         if self.access_log is not None:
             self.access_log.add(scope[REQUEST_ID_KEY], method, route_path, status, seconds)

@@ -409,6 +409,6 @@ async def ready(request: Request) -> Response:
 
 async def metrics_text(request: Request) -> Response:
     """GET /metrics: every metric in Prometheus' text format."""
-    metrics.sample(_buffer(request), pool_of(request))
+    metrics.sample(_buffer(request), pool_of(request), request.app.state.request_tally)
     body = metrics.exposition(multiprocess=_settings(request).metrics_dir is not None)
     return Response(body, media_type=metrics.CONTENT_TYPE)
