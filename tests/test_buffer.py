@@ -129,6 +129,34 @@ async def test_full_batches_flush_without_waiting_for_the_timer() -> None:
     assert await flusher.stop(1) == 0
 
 
+async def test_a_batch_filling_up_during_the_linger_is_written_at_once() -> None:
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=10, interval_s=30)
+    flusher.start()
+    for row in make_rows(10):
+        flusher.buffer.put([row], 1)
+        await asyncio.sleep(0.001)
+    await wait_for(lambda: len(sink.stored) == 10, timeout_s=2)
+    assert [len(batch) for batch in sink.batches] == [10]
+    assert await flusher.stop(1) == 0
+
+
+async def test_the_lingering_flusher_is_woken_by_a_full_batch_or_a_durable_chunk_only() -> None:
+    buffer = Buffer(max_events=100, max_bytes=1000)
+    more = buffer.wake_on(3)
+    buffer.put(make_rows(2), 1)
+    await asyncio.sleep(0)
+    assert not more.done()  # each request does not wake it
+    buffer.put(make_rows(1), 1)
+    assert more.done()
+    durable = buffer.wake_on(50)
+    buffer.put(make_rows(1), 1, asyncio.get_running_loop().create_future())
+    assert durable.done()
+    stopped = buffer.wake_on(50)
+    buffer.wake()
+    assert stopped.done()
+
+
 async def test_timer_flushes_a_small_batch_collecting_what_arrives_meanwhile() -> None:
     sink = FakeSink()
     flusher = flusher_for(sink, max_events=1000, interval_s=0.2)

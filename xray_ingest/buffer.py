@@ -75,6 +75,9 @@ class Buffer:
         self.closed = False
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.counters = Counters()
+        # While the flusher lingers: what put() resolves once enough events arrive (see wake_on).
+        self._waker: asyncio.Future[None] | None = None
+        self._events_to_wake = 0
 
     def has_room(self, events: int = 1, size: int = 0) -> bool:
         return self.events + events <= self.max_events and self.bytes + size <= self.max_bytes
@@ -110,6 +113,23 @@ class Buffer:
         self.counters.accepted += len(rows)
         metrics.EVENTS_ACCEPTED.inc(len(rows))
         self.queue.put_nowait(Chunk(rows, size, committed))
+        if self._waker is not None:
+            self._events_to_wake -= len(rows)
+            if committed is not None or self._events_to_wake <= 0:
+                self.wake()
+
+    def wake_on(self, events: int) -> asyncio.Future[None]:
+        """A future that put() resolves once `events` more events are queued, or any durable
+        chunk (its request waits for the commit); wake() resolves it sooner. One at a time."""
+        self._waker = asyncio.get_running_loop().create_future()
+        self._events_to_wake = events
+        return self._waker
+
+    def wake(self) -> None:
+        """Resolves the future of wake_on(), if one is waiting."""
+        waker, self._waker = self._waker, None
+        if waker is not None and not waker.done():
+            waker.set_result(None)
 
     def release(self, chunk: Chunk) -> None:
         """Marks a chunk as committed (or given up), freeing its room."""
@@ -144,6 +164,7 @@ class Flusher:
         returns the number of events that were not (and so are lost)."""
         self.buffer.closed = True
         self._stopping.set()
+        self.buffer.wake()  # a lingering collection ends now
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.buffer.queue.join(), timeout_s)
         for task in self._tasks:
@@ -171,32 +192,25 @@ class Flusher:
                 if delay <= 0 or durable or self._stopping.is_set():
                     break
                 # Linger briefly so a trickle of small requests still makes one COPY.
-                chunk = await self._next_chunk(delay)
-                if chunk is None:
-                    break
-            else:
-                chunk = queue.get_nowait()
+                await self._linger(delay, self.max_events - count)
+                continue
+            chunk = queue.get_nowait()
             chunks.append(chunk)
             count += len(chunk.rows)
             durable = durable or chunk.committed is not None
         return chunks
 
-    async def _next_chunk(self, timeout_s: float) -> Chunk | None:
-        """The next chunk queued within timeout_s, or None (also at once when stop() is called,
-        so shutdown drains without lingering)."""
-        getter = asyncio.ensure_future(self.buffer.queue.get())
-        stopper = asyncio.ensure_future(self._stopping.wait())
+    async def _linger(self, delay_s: float, events: int) -> None:
+        """Sleeps delay_s, or until `events` more events or a durable chunk are queued, or stop()
+        is called. Not woken for each request: a get() with a timeout for each cost about 95k
+        instructions and 12 us of CPU per single-event request that arrived meanwhile."""
+        more = self.buffer.wake_on(events)
+        timer = asyncio.get_running_loop().call_later(delay_s, self.buffer.wake)
         try:
-            done, _ = await asyncio.wait(
-                {getter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            await more
         finally:
-            # Also when this task is cancelled: no helper task may outlive it. Cancelling a
-            # waiting get() leaves any chunk it was woken for in the queue.
-            stopper.cancel()
-            if not getter.done():
-                getter.cancel()
-        return getter.result() if getter in done else None
+            timer.cancel()
+            self.buffer.wake()  # also when this task is cancelled: no waker outlives it
 
     async def _work(self) -> None:
         while True:
