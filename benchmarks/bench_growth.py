@@ -2,9 +2,10 @@
 
 Run as `python -m benchmarks.bench_growth` (takes several minutes: it fills the table with raw
 COPY between measurements). At each size it drives a fresh server with 100-event batches over 8
-connections, as `bench_ingest` does, and prints one JSON line per size: the rate, the drop
-against the empty table, and what PostgreSQL did meanwhile (WAL and full-page images per event,
-checkpoints, autovacuum runs on events, buffer reads that missed shared_buffers, index sizes).
+connections, as `bench_ingest` does, --rounds times (each round adds its events to the table), and
+prints one JSON line per size: the median rate and each round's, the drop against the empty
+table, and what PostgreSQL did meanwhile (WAL and full-page images per event, checkpoints,
+autovacuum runs on events, buffer reads that missed shared_buffers, index sizes).
 
 The fill writes millions of rows in a minute or two, far faster than the server ever would, so
 autovacuum and checkpoints it triggers would still be running during the measurement. With
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -134,7 +136,25 @@ async def measure(dsn: str, size: int, events: int) -> dict[str, Any]:
     }
 
 
-async def run(sizes: list[int], events: int, settle: bool) -> list[dict[str, Any]]:
+def combine(size: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's rounds as one line: medians of the rates and of the per-event figures, the sums
+    of the counts, and the index sizes after the last round."""
+    line = dict(rounds[-1], stored_rows=size, rounds=len(rounds))
+    for name in (
+        "committed_events_per_s",
+        "wal_bytes_per_event",
+        "full_page_images_per_event",
+        "index_block_miss_ratio",
+    ):
+        line[name] = statistics.median(r[name] for r in rounds)
+    for name in ("checkpoints", "autovacuums_of_events", "autoanalyzes_of_events"):
+        line[name] = sum(r[name] for r in rounds)
+    line["committed_by_round"] = [r["committed_events_per_s"] for r in rounds]
+    line["stored_rows_by_round"] = [r["stored_rows"] for r in rounds]
+    return line
+
+
+async def run(sizes: list[int], events: int, settle: bool, rounds: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with postgres_server() as server_dsn:
         async with fresh_database(server_dsn) as dsn:
@@ -142,8 +162,11 @@ async def run(sizes: list[int], events: int, settle: bool) -> list[dict[str, Any
             stored = 0
             for size in sizes:
                 stored = await fill(dsn, stored, size, settle)
-                line = await measure(dsn, size, events)
-                stored += events
+                measured = []
+                for _ in range(rounds):
+                    measured.append(await measure(dsn, stored, events))
+                    stored += events
+                line = combine(size, measured)
                 if results:
                     first = results[0]["committed_events_per_s"]
                     line["vs_empty"] = round(line["committed_events_per_s"] / first, 3)
@@ -157,8 +180,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,1000000,5000000")
     parser.add_argument("--events", type=int, default=200_000, help="measured at each size")
     parser.add_argument("--settle", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements at each size")
     args = parser.parse_args()
-    run_async(run([int(n) for n in args.sizes.split(",")], args.events, args.settle))
+    sizes = [int(n) for n in args.sizes.split(",")]
+    run_async(run(sizes, args.events, args.settle, args.rounds))
 
 
 if __name__ == "__main__":
