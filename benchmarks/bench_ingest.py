@@ -66,36 +66,22 @@ class Result:
     server_cpu_us_per_event: float
     load_generator_cpu_us_per_event: float
     other_cpu_us_per_event: float
-    round: int = 1
 
 
 @dataclass
-class Summary:
-    """One scenario over the rounds: the median of each figure (so the columns of one row need
-    not come from the same round), the spread of the committed rate, and the peak memory and
-    503s over all rounds."""
+class Summary(Result):
+    """One scenario over the rounds: the median of each rate, latency and CPU figure (so the
+    columns of one row need not come from the same round), the peak memory and the 503s over all
+    rounds, and the spread of the committed rate."""
 
-    scenario: str
-    batch_size: int
-    connections: int
-    rounds: int
-    committed_events_per_s: float
-    committed_min: float
-    committed_max: float
-    requests_per_s: float
-    acked_events_per_s: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    server_peak_rss_mib: float
-    refused_503: int
-    server_cpu_us_per_event: float
-    load_generator_cpu_us_per_event: float
-    other_cpu_us_per_event: float
+    rounds: int = 1
+    committed_min: float = 0.0
+    committed_max: float = 0.0
+    committed_by_round: list[float] = field(default_factory=list)
     ratio_to_ceiling: float = float("nan")
     # Durable scenarios: the median over rounds of this scenario's committed rate against the
     # fast-mode scenario of the same batch size and connections, run just before it.
     ratio_to_fast: float | None = None
-    committed_by_round: list[float] = field(default_factory=list)
 
 
 _MEDIAN_FIELDS = (
@@ -119,6 +105,7 @@ def summarize(rounds: list[Result]) -> Summary:
         scenario=first.scenario,
         batch_size=first.batch_size,
         connections=first.connections,
+        events=first.events,
         rounds=len(rounds),
         committed_min=min(committed),
         committed_max=max(committed),
@@ -356,8 +343,7 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
                         scenario.connections,
                         "?wait=true" if scenario.durable else "",
                     )
-                    result.round = number
-                    print(json.dumps(asdict(result)))
+                    print(json.dumps({**asdict(result), "round": number}))
                     results.append(result)
                 await measure_ceiling(dsn, rows, 2, ceiling_runs[2])
     ceilings = {f"{n} connection(s)": max(runs) for n, runs in ceiling_runs.items()}
@@ -374,7 +360,11 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
         "ceiling_rows_per_s": ceilings,
         "ceiling_runs": {f"{n} connection(s)": runs for n, runs in ceiling_runs.items()},
         "results": [asdict(s) for s in summaries],
-        "runs": [asdict(r) for results in by_scenario for r in results],
+        "runs": [
+            {**asdict(r), "round": number}
+            for results in by_scenario
+            for number, r in enumerate(results, 1)
+        ],
     }
 
 
