@@ -149,7 +149,8 @@ class Flusher:
     interval_s: float
     connections: int
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by stop(): collections no longer linger, so shutdown drains at once.
+    _stopping: bool = False
     # One worker collects at a time, while the others write: lingering side by side, they would
     # split a trickle of requests into several small COPYs, each with its own commit.
     _collecting: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -163,7 +164,7 @@ class Flusher:
         """Stops accepting, waits up to timeout_s for everything queued to be committed, and
         returns the number of events that were not (and so are lost)."""
         self.buffer.closed = True
-        self._stopping.set()
+        self._stopping = True
         self.buffer.wake()  # a lingering collection ends now
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.buffer.queue.join(), timeout_s)
@@ -189,7 +190,7 @@ class Flusher:
         while count < self.max_events:
             if queue.empty():
                 delay = deadline - time.monotonic()
-                if delay <= 0 or durable or self._stopping.is_set():
+                if delay <= 0 or durable or self._stopping:
                     break
                 # Linger briefly so a trickle of small requests still makes one COPY.
                 await self._linger(delay, self.max_events - count)
