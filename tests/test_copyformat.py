@@ -55,10 +55,10 @@ def edge_rows() -> list[Row]:
 async def test_packed_rows_store_what_asyncpg_records_store(pool: db.Pool) -> None:
     rows = edge_rows()
     async with pool.acquire() as connection:
-        await connection.execute("CREATE TEMPORARY TABLE reference (LIKE events INCLUDING DEFAULTS)")
-        await connection.copy_records_to_table(
-            "reference", records=rows, columns=db.COPY_COLUMNS
+        await connection.execute(
+            "CREATE TEMPORARY TABLE reference (LIKE events INCLUDING DEFAULTS)"
         )
+        await connection.copy_records_to_table("reference", records=rows, columns=db.COPY_COLUMNS)
         await connection.copy_to_table(
             "events",
             source=copyformat.copy_data(rows),
@@ -94,4 +94,3 @@ async def test_an_empty_batch_copies_nothing(pool: db.Pool) -> None:
             "events", source=copyformat.copy_data([]), columns=copyformat.COLUMNS, format="binary"
         )
     assert status == "COPY 0"
-
