@@ -76,7 +76,10 @@ async def test_the_ends_of_pythons_datetime_range_are_stored_as_themselves(
     pool: db.Pool,
 ) -> None:
     first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
-    rows = [(*row[:6], start, *row[7:]) for row, start in zip(edge_rows(), (first, last))]
+    rows = [
+        (*row[:6], start, *row[7:])
+        for row, start in zip(edge_rows()[:2], (first, last), strict=True)
+    ]
     async with pool.acquire() as connection:
         await connection.copy_to_table(
             "events", source=copyformat.copy_data(rows), columns=copyformat.COLUMNS, format="binary"
