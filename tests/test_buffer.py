@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 
 import pytest
 
@@ -14,7 +15,7 @@ from xray_ingest import buffer as buffer_module
 from xray_ingest import db
 from xray_ingest.buffer import Buffer, Flusher, Refusals
 from xray_ingest.errors import QueueFullError, RejectedRowsError, ShuttingDownError
-from xray_ingest.models import Row, decode_row
+from xray_ingest.models import INT4_MAX, Row, decode_row
 
 POISON = "poison"
 
@@ -292,6 +293,22 @@ async def test_copy_skips_events_already_stored_or_repeated_in_the_batch(pool: d
     assert await db.copy_events(pool, [rows[0], *fresh, fresh[0], rows[2]]) == 2
     async with pool.acquire() as connection:
         assert await connection.fetchval("SELECT count(*) FROM events") == 5
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["0002-01-01T00:00:00+14:00", "9998-12-31T23:59:59.999999-12:00"]
+)
+async def test_the_first_and_last_years_accepted_store_with_the_longest_duration(
+    pool: db.Pool, timestamp: str
+) -> None:
+    # In UTC, and at timestamp + duration_ms, these stay inside Python's datetime range: the
+    # flusher's trace span and asyncpg's encoding of it would otherwise raise, and retry forever.
+    rows = make_rows(1, timestamp=timestamp, duration_ms=INT4_MAX)
+    assert await db.copy_events(pool, rows) == 1
+    async with pool.acquire() as connection:
+        span = await connection.fetchrow("SELECT start_time, end_time FROM traces")
+    assert span is not None
+    assert tuple(span) == (rows[0][6], rows[0][6] + timedelta(milliseconds=INT4_MAX))
 
 
 async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:

@@ -350,6 +350,10 @@ _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET: Final = re.compile(rb"[\[\]{}]")
 _OPENERS: Final = frozenset(b"[{")
 MAX_DEPTH: Final = 64
+# Timestamps in years 1 and 9999 can leave Python's datetime range once moved to UTC or past the
+# end of the event (timestamp + duration_ms), where the flusher and the readers compute in UTC.
+FIRST_YEAR: Final = 2
+LAST_YEAR: Final = 9998
 _MISSING_FIELD: Final = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _TAG_PATH: Final = "$.event_type"
 
@@ -423,6 +427,8 @@ def to_row(event: Event, raw: bytes | Raw) -> Row:
         text = bytes(raw).rstrip()
         data = b"".join((text[:-1], b',"span_id":"', str(span_id).encode(), b'"}'))
     timestamp = event.timestamp
+    if not FIRST_YEAR <= timestamp.year <= LAST_YEAR:
+        raise InvalidEvent("$.timestamp", f"must fall within the years {FIRST_YEAR} to {LAST_YEAR}")
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
     duration = event.duration_ms
