@@ -66,9 +66,10 @@ def _row_start(event_type: str, service: str | None) -> bytes:
     return packed + _LENGTH.pack(len(text)) + text
 
 
-def pack_rows(rows: Sequence[Row]) -> bytes:
-    """The rows as COPY binary tuples, in COLUMNS order (no header or trailer)."""
-    parts: list[bytes | Raw] = []
+def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> bytes:
+    """The rows as COPY binary tuples in COLUMNS order, after the stream's header if first and
+    before its trailer if last."""
+    parts: list[bytes | Raw] = [HEADER] if first else []
     add = parts.append
     for id_, event_type, trace_id, span_id, parent_span_id, service, start, duration, data in rows:
         add(_row_start(event_type, service))
@@ -100,12 +101,15 @@ def pack_rows(rows: Sequence[Row]) -> bytes:
             )  # fmt: skip
         add(fixed)
         add(data)
+    if last:
+        add(TRAILER)
     return b"".join(parts)
 
 
 async def copy_data(rows: Sequence[Row]) -> AsyncIterator[bytes]:
-    """The COPY FROM STDIN (FORMAT binary) stream for rows, CHUNK_ROWS at a time."""
-    yield HEADER
-    for start in range(0, len(rows), CHUNK_ROWS):
-        yield pack_rows(rows[start : start + CHUNK_ROWS])
-    yield TRAILER
+    """The COPY FROM STDIN (FORMAT binary) stream for rows, CHUNK_ROWS at a time: each chunk
+    is one CopyData message, and each message one more send (a small flush is a single one)."""
+    starts = range(0, max(len(rows), 1), CHUNK_ROWS)
+    for start in starts:
+        chunk = rows[start : start + CHUNK_ROWS]
+        yield pack_rows(chunk, first=start == 0, last=start == starts[-1])
