@@ -43,6 +43,8 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
     # Two rounds: the ceiling before them and after each.
     assert report["rounds"] == 2
     assert len(report["ceiling_runs"]["2 connection(s)"]) == 3
+    assert len(report["ceiling_runs"]["2 connection(s), packed as the server does"]) == 3
+    assert len(report["ceiling_runs"]["1 connection(s)"]) == 1
     assert len(report["runs"]) == 2 * len(report["results"])
     for result in report["results"]:
         assert result["rounds"] == 2
