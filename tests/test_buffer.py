@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -309,6 +310,32 @@ async def test_the_first_and_last_years_accepted_store_with_the_longest_duration
         span = await connection.fetchrow("SELECT start_time, end_time FROM traces")
     assert span is not None
     assert tuple(span) == (rows[0][6], rows[0][6] + timedelta(milliseconds=INT4_MAX))
+
+
+async def test_each_trace_of_a_shuffled_batch_gets_its_own_span(pool: db.Pool) -> None:
+    rows = [
+        row
+        for trace in range(5)
+        for row in make_rows(
+            1,
+            trace_id=str(uuid.UUID(int=trace + 1)),
+            timestamp=f"2024-01-03T1{trace}:00:00Z",
+            duration_ms=1000 * trace,
+        )
+        + make_rows(3, trace_id=str(uuid.UUID(int=trace + 1)), timestamp="2024-01-03T12:30:00Z")
+    ]
+    random.Random(7).shuffle(rows)
+    await db.copy_events(pool, rows)
+    expected = {
+        row[2]: (
+            min(r[6] for r in rows if r[2] == row[2]),
+            max(r[6] + timedelta(milliseconds=r[7] or 0) for r in rows if r[2] == row[2]),
+        )
+        for row in rows
+    }
+    async with pool.acquire() as connection:
+        stored = await connection.fetch("SELECT trace_id, start_time, end_time FROM traces")
+    assert {r["trace_id"]: (r["start_time"], r["end_time"]) for r in stored} == expected
 
 
 async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:

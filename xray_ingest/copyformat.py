@@ -73,9 +73,10 @@ def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> b
     add = parts.append
     for id_, event_type, trace_id, span_id, parent_span_id, service, start, duration, data in rows:
         add(_row_start(event_type, service))
-        id_bytes = id_.bytes
-        span_bytes = id_bytes if span_id is id_ else span_id.bytes
-        trace_bytes = trace_id.bytes
+        # UUID.bytes is a Python-level property over the same int.to_bytes call.
+        id_bytes = id_.int.to_bytes(16)
+        span_bytes = id_bytes if span_id is id_ else span_id.int.to_bytes(16)
+        trace_bytes = trace_id.int.to_bytes(16)
         microseconds = (start - _PG_EPOCH) // _MICROSECOND
         data_length = len(data) + 1
         if parent_span_id is None:
@@ -91,12 +92,12 @@ def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> b
                 )  # fmt: skip
         elif duration is None:
             fixed = _WITH_PARENT.pack(
-                16, id_bytes, 16, trace_bytes, 16, span_bytes, 16, parent_span_id.bytes,
+                16, id_bytes, 16, trace_bytes, 16, span_bytes, 16, parent_span_id.int.to_bytes(16),
                 8, microseconds, -1, data_length, _JSONB_VERSION,
             )  # fmt: skip
         else:
             fixed = _WITH_PARENT_AND_DURATION.pack(
-                16, id_bytes, 16, trace_bytes, 16, span_bytes, 16, parent_span_id.bytes,
+                16, id_bytes, 16, trace_bytes, 16, span_bytes, 16, parent_span_id.int.to_bytes(16),
                 8, microseconds, 4, duration, data_length, _JSONB_VERSION,
             )  # fmt: skip
         add(fixed)

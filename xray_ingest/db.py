@@ -108,21 +108,29 @@ def _is_rejection(exc: BaseException) -> bool:
 def _trace_spans(
     rows: Sequence[Row],
 ) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
-    """Each trace's earliest timestamp and latest timestamp + duration in rows, by trace_id."""
-    spans: dict[uuid.UUID, list[datetime]] = {}
+    """Each trace's earliest timestamp and latest timestamp + duration in rows, by trace_id.
+
+    Keyed by the UUID's int: UUID hashes and compares in Python code, an int in C (half the
+    time of this function), and ints sort as their UUIDs do."""
+    spans: dict[int, tuple[uuid.UUID, list[datetime]]] = {}
     millisecond = timedelta(milliseconds=1)
     for _, _, trace_id, _, _, _, start, duration, _ in rows:
         end = start + duration * millisecond if duration else start
-        known = spans.get(trace_id)
+        known = spans.get(trace_id.int)
         if known is None:
-            spans[trace_id] = [start, end]
+            spans[trace_id.int] = (trace_id, [start, end])
             continue
-        if start < known[0]:
-            known[0] = start
-        if end > known[1]:
-            known[1] = end
-    trace_ids = sorted(spans)
-    return trace_ids, [spans[t][0] for t in trace_ids], [spans[t][1] for t in trace_ids]
+        span = known[1]
+        if start < span[0]:
+            span[0] = start
+        if end > span[1]:
+            span[1] = end
+    ordered = [spans[key] for key in sorted(spans)]
+    return (
+        [trace_id for trace_id, _ in ordered],
+        [span[0] for _, span in ordered],
+        [span[1] for _, span in ordered],
+    )
 
 
 async def _copy_rows(connection: Connection, table: str, rows: Sequence[Row]) -> None:
