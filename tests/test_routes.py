@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import time
@@ -437,6 +438,50 @@ def test_a_body_that_cannot_fit_the_queue_is_refused_before_it_is_decoded() -> N
         assert too_big.headers["Retry-After"] == "1"
         fits = client.post("/v1/events/batch", content=b"x" * (2000 - len(event)))
         assert fits.status_code == 400
+
+
+def test_a_declared_length_that_cannot_fit_is_refused_before_the_body_is_read() -> None:
+    settings = settings_for(
+        UNREACHABLE, queue_max_bytes=2000, max_body_bytes=2000, shutdown_timeout_s=0.1
+    )
+    event = dumps(samples.custom())
+    sent: list[Message] = []
+
+    async def body_never_comes() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    def scope(length: int, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/events/batch",
+            "raw_path": b"/v1/events/batch",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-length", str(length).encode()), *headers],
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+        }
+
+    with TestClient(create_app(settings, open_keyring())) as client:
+        assert client.post("/v1/events", content=event).status_code == 202
+
+        async def post(wait_s: float, *headers: tuple[bytes, bytes]) -> None:
+            request = scope(2001 - len(event), *headers)
+            await asyncio.wait_for(client.app(request, body_never_comes, send), wait_s)
+
+        assert client.portal is not None
+        client.portal.call(post, 5)
+        assert sent[0]["status"] == 503
+        # A compressed body may hold more than its length says: it is read first.
+        with pytest.raises(TimeoutError):
+            client.portal.call(post, 0.5, (b"content-encoding", b"gzip"))
 
 
 # ---- issue 3: encodings, durable acks, duplicates, poison, readiness -------------------------

@@ -181,14 +181,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _read_ingest_body(scope: Scope, receive: Receive, buffer: Buffer, limit: int) -> bytes:
-    # Refuse before reading or decoding anything when no event could be taken.
-    buffer.check_open()
-    body = await read_body(
-        receive,
-        _header(scope, b"content-encoding") or "",
-        _header(scope, b"content-length"),
-        limit,
-    )
+    encoding = _header(scope, b"content-encoding") or ""
+    declared = _header(scope, b"content-length")
+    # Refuse before reading anything when no event could be taken, or when an uncompressed body
+    # of a declared length could not fit (a saturated server read each refused batch whole,
+    # a megabyte for 1000 events, only to throw it away).
+    length = int(declared) if declared and declared.isdigit() else 0
+    buffer.check_open(length if encoding in ("", "identity") else 0)
+    body = await read_body(receive, encoding, declared, limit)
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON event")
     # The events' bytes cannot exceed the body's: refuse what cannot fit before decoding it
