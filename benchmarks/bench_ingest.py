@@ -221,7 +221,10 @@ async def drive(
                         refusals += 1
                         await asyncio.sleep(RETRY_503_S)
                     if status not in (201, 202):
-                        raise RuntimeError(f"status {status}: {payload[:200]!r}")
+                        raise RuntimeError(
+                            f"status {status}: {payload[:200]!r}\n"
+                            f"the server's log ends with:\n{server.output()[-3000:]}"
+                        )
             finally:
                 client.close()
 

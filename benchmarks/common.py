@@ -223,7 +223,10 @@ class ServerProcess:
                 if status == 404:
                     return False  # a server from before /metrics: the caller's count() waits
                 if status != 200:
-                    raise RuntimeError(f"/metrics answered {status}: {payload[:200]!r}")
+                    raise RuntimeError(
+                        f"/metrics answered {status}: {payload[:200]!r}\n"
+                        f"the server's log ends with:\n{self.output()[-3000:]}"
+                    )
                 match = _COMMITTED_METRIC.search(payload)
                 if match is not None and float(match[1]) >= events:
                     return True

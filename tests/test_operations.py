@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -241,6 +242,18 @@ def test_metrics_count_requests_events_and_flushes(client: TestClient) -> None:
         assert f"\nxray_{name} " in text
     for name in ("copy_retries_total", "events_dead_lettered_total", "events_duplicate_total"):
         assert f"\nxray_{name} " in text
+
+
+def test_a_scrape_skips_the_empty_file_of_a_starting_worker(tmp_path: Path) -> None:
+    # One worker's counter file with a value in it, and the file another worker has created
+    # but not yet sized (prometheus-client makes it in two steps).
+    written = MmapedDict(str(tmp_path / "counter_101.db"))  # type: ignore[no-untyped-call]
+    key = mmap_key("xray_events_committed", "xray_events_committed_total", [], [], "Events")
+    written.write_value(key, 42.0, 0.0)  # type: ignore[no-untyped-call]
+    written.close()  # type: ignore[no-untyped-call]
+    (tmp_path / "counter_102.db").touch()
+    text = metrics.exposition(tmp_path).decode()
+    assert metric(text, "xray_events_committed_total") == 42.0
 
 
 def test_the_request_tally_writes_what_counting_each_request_would() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -20,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 if TYPE_CHECKING:  # the buffer counts into these metrics, so no import at run time
@@ -172,11 +175,32 @@ def forget_dead_workers(directory: Path) -> list[int]:
     return dead
 
 
-def exposition(multiprocess: bool) -> bytes:
-    """The text exposition of every metric; with multiprocess, summed over the worker processes
-    (whose values prometheus-client keeps in files under PROMETHEUS_MULTIPROC_DIR)."""
-    if multiprocess:
+class _WrittenFilesCollector:
+    """prometheus-client's MultiProcessCollector over the workers' files that are not empty.
+
+    A worker creates each file and only then sizes it, and a scrape that reads it in between
+    fails on the missing header: a 500 for the whole scrape, seen when a worker started while
+    the other answered /metrics (prometheus/client_python#1199, unfixed in 0.26.0). An empty
+    file holds nothing yet, so it is skipped."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        written = []
+        for path in self._directory.glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's, just removed
+                if path.stat().st_size > 0:
+                    written.append(str(path))
+        merged: Iterable[Metric] = MultiProcessCollector.merge(written, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def exposition(metrics_dir: Path | None) -> bytes:
+    """The text exposition of every metric; with a metrics_dir (several workers), summed over
+    the worker processes, whose values prometheus-client keeps in files there."""
+    if metrics_dir is not None:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_WrittenFilesCollector(metrics_dir))
         return generate_latest(registry)
     return generate_latest(REGISTRY)

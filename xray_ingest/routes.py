@@ -410,5 +410,5 @@ async def ready(request: Request) -> Response:
 async def metrics_text(request: Request) -> Response:
     """GET /metrics: every metric in Prometheus' text format."""
     metrics.sample(_buffer(request), pool_of(request), request.app.state.request_tally)
-    body = metrics.exposition(multiprocess=_settings(request).metrics_dir is not None)
+    body = metrics.exposition(_settings(request).metrics_dir)
     return Response(body, media_type=metrics.CONTENT_TYPE)
