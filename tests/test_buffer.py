@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -369,6 +369,34 @@ async def test_row_the_database_refuses_goes_to_dead_letters_and_the_rest_lands(
     assert dead["payload"] == '{"event_type": "x", "bad": "\\u0000"}'
     assert "UntranslatableCharacter" in dead["error"]
     assert flusher.buffer.counters.dead_lettered == 1
+
+
+def unpackable(row: Row) -> Row:
+    """A row that validation would never let through: duration_ms past int4 (struct.error)."""
+    return (*row[:7], INT4_MAX + 1, row[8])
+
+
+def overflowing(row: Row) -> Row:
+    """A row whose trace span ends past Python's datetime range (OverflowError)."""
+    return (*row[:6], datetime.max.replace(tzinfo=UTC), 5_000, row[8])
+
+
+@pytest.mark.parametrize("spoil", [unpackable, overflowing])
+async def test_a_row_that_cannot_be_written_is_dead_lettered_not_retried_forever(
+    pool: db.Pool, spoil: Callable[[Row], Row]
+) -> None:
+    good = make_rows(5)
+    rows = [*good[:2], spoil(make_rows(1)[0]), *good[2:]]
+    flusher = flusher_for(db.PoolSink(pool))
+    flusher.buffer.put(rows, 100)
+    flusher.start()
+    await wait_for(lambda: flusher.buffer.events == 0)
+    await flusher.stop(1)
+    async with pool.acquire() as connection:
+        assert await connection.fetchval("SELECT count(*) FROM events") == 5
+        assert await connection.fetchval("SELECT count(*) FROM dead_letter_events") == 1
+    assert flusher.buffer.counters.dead_lettered == 1
+    assert flusher.buffer.counters.flush_errors == 0
 
 
 async def test_stop_cuts_the_linger_short() -> None:

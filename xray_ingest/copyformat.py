@@ -35,6 +35,10 @@ COLUMNS: Final = (
 # Signature, flags (none) and header extension length (none); the trailer is a field count of -1.
 HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER: Final = struct.pack(">h", -1)
+# What packing a row raises for a value PostgreSQL might take but the binary format or Python's
+# datetime cannot carry: an int past its field, a time arithmetic overflow, a lone surrogate.
+# Validation keeps such values out; db.copy_events treats these as a refusal of the rows.
+UNPACKABLE: Final = (struct.error, OverflowError, UnicodeEncodeError)
 # Rows per CopyData message: about 300 KB of ~1 KB events, so the database parses one chunk
 # while the next is packed, and a large flush is never held twice in memory.
 CHUNK_ROWS: Final = 256

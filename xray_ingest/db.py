@@ -163,8 +163,9 @@ async def copy_events(pool: Pool, rows: Sequence[Row], *, skip_stored: bool = Fa
     The fast path COPYs straight into events; only when that hits a stored (trace_id, span_id,
     timestamp), or with skip_stored, does it go through a staging table that skips the
     repeats. Raises
-    RejectedRowsError when the database refuses the data itself (so some row is poison);
-    connection and server errors propagate unchanged, to be retried.
+    RejectedRowsError when the database refuses the data itself, or when a row cannot be packed
+    for it (either way some row is poison); connection and server errors propagate unchanged,
+    to be retried.
     """
     async with pool.acquire() as connection:
         try:
@@ -176,6 +177,10 @@ async def copy_events(pool: Pool, rows: Sequence[Row], *, skip_stored: bool = Fa
             if _is_rejection(exc):
                 raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
             raise
+        except copyformat.UNPACKABLE as exc:
+            # A row that got past validation but cannot be packed, or whose trace span leaves
+            # datetime's range: retrying would fail the same way forever, and jam the queue.
+            raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
 
 
 async def store_dead_letter(pool: Pool, row: Row, error: str) -> None:
