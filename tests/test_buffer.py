@@ -350,20 +350,27 @@ async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:
     assert start == early[0][6]
 
 
-async def test_row_the_database_refuses_goes_to_dead_letters_and_the_rest_lands(
-    pool: db.Pool,
-) -> None:
+async def flush_around(pool: db.Pool, poison: Row) -> Flusher:
+    """Flushes five good rows with `poison` amid them through the real sink, checks that the
+    five landed, and returns the stopped flusher."""
     good = make_rows(5)
-    # Bypasses validation on purpose: jsonb refuses \u0000.
-    poison_row = (*make_rows(1)[0][:8], b'{"event_type": "x", "bad": "\\u0000"}')
-    rows = [*good[:2], poison_row, *good[2:]]
     flusher = flusher_for(db.PoolSink(pool))
-    flusher.buffer.put(rows, 100)
+    flusher.buffer.put([*good[:2], poison, *good[2:]], 100)
     flusher.start()
     await wait_for(lambda: flusher.buffer.events == 0)
     await flusher.stop(1)
     async with pool.acquire() as connection:
         assert await connection.fetchval("SELECT count(*) FROM events") == 5
+    return flusher
+
+
+async def test_row_the_database_refuses_goes_to_dead_letters_and_the_rest_lands(
+    pool: db.Pool,
+) -> None:
+    # Bypasses validation on purpose: jsonb refuses \u0000.
+    poison_row = (*make_rows(1)[0][:8], b'{"event_type": "x", "bad": "\\u0000"}')
+    flusher = await flush_around(pool, poison_row)
+    async with pool.acquire() as connection:
         dead = await connection.fetchrow("SELECT payload, error FROM dead_letter_events")
     assert dead is not None
     assert dead["payload"] == '{"event_type": "x", "bad": "\\u0000"}'
@@ -385,15 +392,8 @@ def overflowing(row: Row) -> Row:
 async def test_a_row_that_cannot_be_written_is_dead_lettered_not_retried_forever(
     pool: db.Pool, spoil: Callable[[Row], Row]
 ) -> None:
-    good = make_rows(5)
-    rows = [*good[:2], spoil(make_rows(1)[0]), *good[2:]]
-    flusher = flusher_for(db.PoolSink(pool))
-    flusher.buffer.put(rows, 100)
-    flusher.start()
-    await wait_for(lambda: flusher.buffer.events == 0)
-    await flusher.stop(1)
+    flusher = await flush_around(pool, spoil(make_rows(1)[0]))
     async with pool.acquire() as connection:
-        assert await connection.fetchval("SELECT count(*) FROM events") == 5
         assert await connection.fetchval("SELECT count(*) FROM dead_letter_events") == 1
     assert flusher.buffer.counters.dead_lettered == 1
     assert flusher.buffer.counters.flush_errors == 0
