@@ -36,7 +36,7 @@ from benchmarks.common import (
     realistic_events,
     run_async,
 )
-from xray_ingest import copyformat, db
+from xray_ingest import db
 from xray_ingest.models import Row, decode_row
 
 CEILING_BATCH = 5_000
@@ -156,12 +156,7 @@ async def copy_ceiling(dsn: str, rows: list[Row], connections: int, packed: bool
             while not queue.empty():
                 batch = queue.get_nowait()
                 if packed:
-                    await connection.copy_to_table(
-                        "events",
-                        source=copyformat.copy_data(batch),
-                        columns=copyformat.COLUMNS,
-                        format="binary",
-                    )
+                    await db.copy_rows(connection, "events", batch)
                 else:
                     await connection.copy_records_to_table(
                         "events", records=batch, columns=db.COPY_COLUMNS

@@ -1,4 +1,5 @@
-"""Rows packed by copyformat land exactly as asyncpg's own COPY encoding stores them."""
+"""Rows packed by copyformat (through db.copy_rows) land exactly as asyncpg's own COPY encoding
+stores them."""
 
 from __future__ import annotations
 
@@ -59,12 +60,7 @@ async def test_packed_rows_store_what_asyncpg_records_store(pool: db.Pool) -> No
             "CREATE TEMPORARY TABLE reference (LIKE events INCLUDING DEFAULTS)"
         )
         await connection.copy_records_to_table("reference", records=rows, columns=db.COPY_COLUMNS)
-        await connection.copy_to_table(
-            "events",
-            source=copyformat.copy_data(rows),
-            columns=copyformat.COLUMNS,
-            format="binary",
-        )
+        await db.copy_rows(connection, "events", rows)
         query = f"SELECT {STORED_COLUMNS}, data::text FROM {{}} ORDER BY span_id"
         packed = await connection.fetch(query.format("events"))
         reference = await connection.fetch(query.format("reference"))
@@ -81,9 +77,7 @@ async def test_the_ends_of_pythons_datetime_range_are_stored_as_themselves(
         for row, start in zip(edge_rows()[:2], (first, last), strict=True)
     ]
     async with pool.acquire() as connection:
-        await connection.copy_to_table(
-            "events", source=copyformat.copy_data(rows), columns=copyformat.COLUMNS, format="binary"
-        )
+        await db.copy_rows(connection, "events", rows)
         stored = await connection.fetch('SELECT "timestamp"::text FROM events ORDER BY 1')
     assert [record[0] for record in stored] == [
         "0001-01-01 00:00:00+00",
@@ -93,7 +87,5 @@ async def test_the_ends_of_pythons_datetime_range_are_stored_as_themselves(
 
 async def test_an_empty_batch_copies_nothing(pool: db.Pool) -> None:
     async with pool.acquire() as connection:
-        status = await connection.copy_to_table(
-            "events", source=copyformat.copy_data([]), columns=copyformat.COLUMNS, format="binary"
-        )
+        status = await db.copy_rows(connection, "events", [])
     assert status == "COPY 0"

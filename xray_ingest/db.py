@@ -133,15 +133,18 @@ def _trace_spans(
     )
 
 
-async def _copy_rows(connection: Connection, table: str, rows: Sequence[Row]) -> None:
-    await connection.copy_to_table(
+async def copy_rows(connection: Connection, table: str, rows: Sequence[Row]) -> str:
+    """COPYs rows into table (events or a table like it) as copyformat packs them; returns the
+    command status ("COPY n"). No transaction of its own, and no traces upsert."""
+    status: str = await connection.copy_to_table(
         table, source=copyformat.copy_data(rows), columns=copyformat.COLUMNS, format="binary"
     )
+    return status
 
 
 async def _copy_skipping_stored(connection: Connection, rows: Sequence[Row]) -> int:
     await connection.execute(QUERIES["create_events_staging"])
-    await _copy_rows(connection, "events_staging", rows)
+    await copy_rows(connection, "events_staging", rows)
     status = await connection.execute(QUERIES["insert_staged_events"])
     return int(status.rsplit(" ", 1)[-1])
 
@@ -151,7 +154,7 @@ async def _store(connection: Connection, rows: Sequence[Row], skip_stored: bool)
         if skip_stored:
             stored = await _copy_skipping_stored(connection, rows)
         else:
-            await _copy_rows(connection, "events", rows)
+            await copy_rows(connection, "events", rows)
             stored = len(rows)
         await connection.execute(QUERIES["upsert_traces"], *_trace_spans(rows))
     return stored
