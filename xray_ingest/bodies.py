@@ -63,8 +63,13 @@ class _Zstd:
             return reader.read(room + 1)
 
 
+def is_uncompressed(encoding: str) -> bool:
+    """Whether a Content-Encoding header value leaves the body as it is."""
+    return encoding.strip().lower() in ("", "identity")
+
+
 def _decompressor(encoding: str) -> _Decompressor | None:
-    if encoding in ("", "identity"):
+    if is_uncompressed(encoding):
         return None
     if encoding in ("gzip", "x-gzip"):
         return _Gzip()

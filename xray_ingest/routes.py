@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xray_ingest import __version__, db, metrics
 from xray_ingest.auth import OPEN_WARNING, KeyRing
-from xray_ingest.bodies import read_body
+from xray_ingest.bodies import is_uncompressed, read_body
 from xray_ingest.buffer import Buffer, Refusals
 from xray_ingest.config import Settings
 from xray_ingest.errors import BadRequestError, CommitTimeoutError
@@ -187,7 +187,7 @@ async def _read_ingest_body(scope: Scope, receive: Receive, buffer: Buffer, limi
     # of a declared length could not fit (a saturated server read each refused batch whole,
     # a megabyte for 1000 events, only to throw it away).
     length = int(declared) if declared and declared.isdigit() else 0
-    buffer.check_open(length if encoding in ("", "identity") else 0)
+    buffer.check_open(length if is_uncompressed(encoding) else 0)
     body = await read_body(receive, encoding, declared, limit)
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON event")
