@@ -52,46 +52,46 @@ class Envelope(Struct, kw_only=True, gc=False):
 # ---- llm_call parts --------------------------------------------------------------------------
 
 
-class Reasoning(Struct, kw_only=True):
+class Reasoning(Struct, kw_only=True, gc=False):
     summary: str | None = None
     confidence: Fraction | None = None
     decision_factors: list[str] | None = None
     alternatives_considered: list[str] | None = None
 
 
-class ModelParams(Struct, kw_only=True):
+class ModelParams(Struct, kw_only=True, gc=False):
     temperature: float | None = None
     max_tokens: Count | None = None
     seed: int | None = None
 
 
-class Model(Struct, kw_only=True):
+class Model(Struct, kw_only=True, gc=False):
     provider: str | None = None
     name: str | None = None
     temperature: float | None = None
     params: ModelParams | None = None
 
 
-class LlmInput(Struct, kw_only=True):
+class LlmInput(Struct, kw_only=True, gc=False):
     input_tokens: Count | None = None
     raw_prompt: str | None = None
     system_prompt_hash: str | None = None
     user_prompt_hash: str | None = None
 
 
-class LlmOutput(Struct, kw_only=True):
+class LlmOutput(Struct, kw_only=True, gc=False):
     output_tokens: Count | None = None
     response_text: str | None = None
     response_hash: str | None = None
     finish_reason: str | None = None
 
 
-class Variability(Struct, kw_only=True):
+class Variability(Struct, kw_only=True, gc=False):
     nondeterministic: bool | None = None
     reason: str | None = None
 
 
-class Metrics(Struct, kw_only=True):
+class Metrics(Struct, kw_only=True, gc=False):
     latency_ms: float | None = None
     cost_usd: float | None = None
 
@@ -108,12 +108,12 @@ class LlmCallEvent(Envelope, tag_field="event_type", tag="llm_call"):
 # ---- decision parts --------------------------------------------------------------------------
 
 
-class ReasonCount(Struct, kw_only=True):
+class ReasonCount(Struct, kw_only=True, gc=False):
     count: Count | None = None
     reason: str | None = None
 
 
-class DecisionPart(Struct, kw_only=True):
+class DecisionPart(Struct, kw_only=True, gc=False):
     input_count: Count | None = None
     output_count: Count | None = None
     kept: list[ReasonCount] | None = None
@@ -128,16 +128,16 @@ class DecisionEvent(Envelope, tag_field="event_type", tag="decision"):
 # ---- http_request parts ----------------------------------------------------------------------
 
 
-class HttpRequestPart(Struct, kw_only=True):
+class HttpRequestPart(Struct, kw_only=True, gc=False):
     method: str | None = None
     url: str | None = None
 
 
-class HttpResponsePart(Struct, kw_only=True):
+class HttpResponsePart(Struct, kw_only=True, gc=False):
     status: int | None = None
 
 
-class HttpErrorPart(Struct, kw_only=True):
+class HttpErrorPart(Struct, kw_only=True, gc=False):
     message: str | None = None
     code: str | int | None = None
 
