@@ -36,7 +36,9 @@ class Settings:
     queue_max_events: int = 100_000
     queue_max_bytes: int = 64 * MIB
     flush_max_events: int = 5_000
-    flush_interval_ms: int = 10
+    # Under single-event load a longer linger makes fewer, larger COPYs (each has a fixed cost):
+    # 50 ms against 10 gave 5,842 against 5,262 committed events/s (medians of 3 rounds).
+    flush_interval_ms: int = 50
     copy_connections: int = 2
     query_connections: int = 4
     max_body_bytes: int = 10 * MIB
