@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from starlette.routing import Route
 from starlette.testclient import TestClient
@@ -28,9 +28,11 @@ from tests.samples import dumps
 from tests.test_routes import settings_for, wait_until_stored
 from xray_ingest import db, metrics, routes
 from xray_ingest.app import create_app
+from xray_ingest.buffer import Buffer
 from xray_ingest.errors import XrayError
 from xray_ingest.logconfig import JsonFormatter
 from xray_ingest.metrics import forget_dead_workers
+from xray_ingest.models import decode_row
 from xray_ingest.openapi import OPERATIONS, openapi_json
 
 SECRET = "SELECT prompt FROM events WHERE x = 'leak' -- /srv/xray/db.py line 12"
@@ -254,6 +256,24 @@ def test_a_scrape_skips_the_empty_file_of_a_starting_worker(tmp_path: Path) -> N
     (tmp_path / "counter_102.db").touch()
     text = metrics.exposition(tmp_path).decode()
     assert metric(text, "xray_events_committed_total") == 42.0
+
+
+def test_the_events_a_queue_accepted_are_written_to_the_counter_once_each() -> None:
+    buffer = Buffer(max_events=100, max_bytes=10_000)
+    tally = metrics.RequestTally(metrics.REQUESTS, metrics.REQUEST_SECONDS)
+    rows = [decode_row(dumps(samples.custom())) for _ in range(5)]
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("xray_events_accepted_total") or 0.0
+
+    before = counted()
+    buffer.put(rows[:3], 30)
+    assert counted() == before  # counted in Python until written out
+    metrics.write_tallies(buffer, tally)
+    buffer.put(rows[3:], 20)
+    metrics.write_tallies(buffer, tally)
+    metrics.write_tallies(buffer, tally)
+    assert counted() == before + 5
 
 
 def test_the_request_tally_writes_what_counting_each_request_would() -> None:

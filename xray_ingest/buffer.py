@@ -53,6 +53,8 @@ def _refusals_in(chunk: Chunk, refused: dict[int, str]) -> Refusals:
 @dataclass(slots=True)
 class Counters:
     accepted: int = 0
+    # How many of `accepted` metrics.EVENTS_ACCEPTED has counted (see metrics.sample).
+    accepted_in_metrics: int = 0
     committed: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
@@ -111,7 +113,6 @@ class Buffer:
         self.events += len(rows)
         self.bytes += size
         self.counters.accepted += len(rows)
-        metrics.EVENTS_ACCEPTED.inc(len(rows))
         self.queue.put_nowait(Chunk(rows, size, committed))
         if self._waker is not None:
             self._events_to_wake -= len(rows)
