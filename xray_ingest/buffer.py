@@ -53,7 +53,7 @@ def _refusals_in(chunk: Chunk, refused: dict[int, str]) -> Refusals:
 @dataclass(slots=True)
 class Counters:
     accepted: int = 0
-    # How many of `accepted` metrics.EVENTS_ACCEPTED has counted (see metrics.sample).
+    # How many of `accepted` metrics.EVENTS_ACCEPTED has counted (see metrics.write_tallies).
     accepted_in_metrics: int = 0
     committed: int = 0
     duplicates: int = 0

@@ -50,6 +50,8 @@ class Envelope(Struct, kw_only=True, gc=False):
 
 
 # ---- llm_call parts --------------------------------------------------------------------------
+# Each decoded part is thrown away once validated and holds no cycle: gc=False keeps them out of
+# the cyclic collector (decoding a ~1 KB llm_call or decision event: 27.5k -> 25.5k instructions).
 
 
 class Reasoning(Struct, kw_only=True, gc=False):
