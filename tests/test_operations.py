@@ -88,7 +88,7 @@ def test_an_ingest_500_says_only_that_something_failed_and_the_request_id(
     decoder: str,
     body: bytes,
 ) -> None:
-    # The ingest POSTs skip Starlette's router and exception middleware (routes.IngestLane).
+    # Most ingest POSTs skip Starlette's middleware stack and router (routes.IngestLane).
     def failing(*args: Any) -> None:
         raise error
 
@@ -114,6 +114,31 @@ def test_every_response_carries_a_request_id_and_keeps_a_plain_one_from_the_call
     assert kept.headers["X-Request-ID"] == "lb-1234.abc"
     replaced = client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
     assert replaced.headers["X-Request-ID"] != "bad id\twith spaces"
+
+
+def test_ingest_refusals_and_errors_name_the_request_id_and_are_counted(
+    database_dsn: str,
+) -> None:
+    # Most ingest POSTs come in ahead of the middleware (routes.IngestLane), which must give
+    # every answer its request id and count it as ObserveMiddleware does for the rest.
+    body = dumps(samples.llm_call())
+    with TestClient(create_app(settings_for(database_dsn))) as client:
+        before = client.get("/metrics").text
+        # Metrics belong to the process: the locked app's count is written when it stops.
+        with TestClient(create_app(settings_for(database_dsn, auth="required"))) as locked:
+            refused = locked.post("/v1/events", content=body, headers={"X-Request-ID": "lb-7"})
+        invalid = client.post("/v1/events", content=b'{"trace_id": "nope"}')
+        not_json = client.post("/v1/events/batch", content=b"{", headers={"X-Request-ID": "c-1"})
+        text = client.get("/metrics").text
+    assert refused.status_code == 401 and refused.headers["X-Request-ID"] == "lb-7"
+    assert invalid.status_code == 400 and re.fullmatch(
+        r"[0-9a-f]{16}", invalid.headers["X-Request-ID"]
+    )
+    assert not_json.status_code == 400 and not_json.headers["X-Request-ID"] == "c-1"
+    unauthorized = 'method="POST",route="/v1/events",status="401"'
+    assert metric(text, "xray_http_requests_total", unauthorized) == 1 + metric(
+        before, "xray_http_requests_total", unauthorized
+    )
 
 
 # ---- logs ------------------------------------------------------------------------------------
@@ -350,6 +375,20 @@ def test_cors_allows_only_the_configured_origins(database_dsn: str) -> None:
         assert denied.status_code == 400
         simple = client.get("/health", headers={"Origin": "https://ui.example"})
         assert simple.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_a_browsers_ingest_post_gets_cors_headers_and_an_sdks_gets_none(database_dsn: str) -> None:
+    # A POST with an Origin goes through CORSMiddleware; one without it takes the ingest lane.
+    settings = settings_for(database_dsn, cors_origins=("https://ui.example",))
+    with TestClient(create_app(settings)) as client:
+        body = dumps(samples.llm_call())
+        browser = client.post("/v1/events", content=body, headers={"Origin": "https://ui.example"})
+        sdk = client.post("/v1/events", content=dumps(samples.llm_call()))
+    assert browser.status_code == sdk.status_code == 202
+    assert browser.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "X-Request-ID" in browser.headers["access-control-expose-headers"]
+    assert browser.headers["X-Request-ID"] and sdk.headers["X-Request-ID"]
+    assert "access-control-allow-origin" not in sdk.headers
 
 
 # ---- OpenAPI ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from xray_ingest import analytics, db, metrics, openapi, routes
 from xray_ingest.auth import AuthMiddleware, KeyRing
@@ -40,7 +41,7 @@ from xray_ingest.errors import (
 )
 from xray_ingest.migrate import pending_migrations
 from xray_ingest.models import ErrorBody, FieldError
-from xray_ingest.observe import AccessLog, ObserveMiddleware, request_id_of
+from xray_ingest.observe import AccessLog, ObserveMiddleware, Observer, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +179,10 @@ async def _load_keys(keyring: KeyRing, pool: db.Pool) -> None:
         )
 
 
-def _middleware(
-    settings: Settings,
-    keyring: KeyRing,
-    access_log: AccessLog | None,
-    tally: metrics.RequestTally,
-    app_routes: list[Route],
-) -> list[Middleware]:
-    """Outermost first: every request is observed; CORS answers preflights before auth; the
-    ingest POSTs that pass it go straight to their endpoints."""
-    stack = [Middleware(ObserveMiddleware, access_log=access_log, tally=tally)]
+def _middleware(settings: Settings, keyring: KeyRing, observer: Observer) -> list[Middleware]:
+    """Outermost first: every request is observed; CORS answers preflights before auth. (The
+    ingest POSTs mostly come in ahead of these: see XrayApp.)"""
+    stack = [Middleware(ObserveMiddleware, observer=observer)]
     if settings.cors_origins:
         stack.append(
             Middleware(
@@ -207,8 +202,25 @@ def _middleware(
             )
         )
     stack.append(Middleware(AuthMiddleware, keyring=keyring))
-    stack.append(Middleware(routes.IngestLane, routes=app_routes))
     return stack
+
+
+class XrayApp(Starlette):
+    """Starlette, with the ingest POSTs taken down their lane (routes.IngestLane) before its
+    middleware stack, whose layers and send wrappers a single-event POST otherwise passes
+    (through the app in-process: 322.6k against 303.9k instructions a POST, callgrind)."""
+
+    def __init__(self, ingest_lane: routes.IngestLane, **options: Any) -> None:
+        super().__init__(**options)
+        self.lane = ingest_lane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = self.lane.lane_for(scope)
+        if lane is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await self.lane.serve(lane, scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, keyring: KeyRing | None = None) -> Starlette:
@@ -223,6 +235,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
         keyring = KeyRing(always_required=settings.auth == "required")
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     tally = metrics.RequestTally(metrics.REQUESTS, metrics.REQUEST_SECONDS)
+    observer = Observer(access_log, tally)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -265,8 +278,8 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             except TimeoutError:
                 pool.terminate()
 
-    # Routes are tried in order: the ingest routes, which take nearly every request, first (the
-    # ingest POSTs themselves skip the router: see routes.IngestLane).
+    # Routes are tried in order: the ingest routes, which take nearly every request, first (most
+    # ingest POSTs skip the router: see routes.IngestLane).
     app_routes = [
         Route("/v1/events", routes.ingest_event, methods=["POST"]),
         Route("/v1/events/batch", routes.ingest_batch, methods=["POST"]),
@@ -283,7 +296,8 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
         Route("/v1/analytics/funnel-stats", analytics.funnel_stats, methods=["GET"]),
         Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
     ]
-    app = Starlette(
+    app = XrayApp(
+        routes.IngestLane(app_routes, keyring, observer, cors=bool(settings.cors_origins)),
         routes=app_routes,
         exception_handlers={
             QueueFullError: _unavailable,
@@ -299,7 +313,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             XrayError: _internal_error,
             Exception: _internal_error,
         },
-        middleware=_middleware(settings, keyring, access_log, tally, app_routes),
+        middleware=_middleware(settings, keyring, observer),
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -115,25 +115,46 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     return f"{_ID_PREFIX}{next(_id_counter):08x}".encode()
 
 
-class ObserveMiddleware:
-    """Gives every request an id (echoed in X-Request-ID), counts and times it by route and
-    status, and logs one access line: request id, method, route, status and duration. Never the
-    query string, a header or the body: they can carry keys, prompts or user data."""
+def assign_request_id(scope: Scope) -> bytes:
+    """Gives the request its id (the caller's, when plain enough) in the scope; returns it as
+    the X-Request-ID header value."""
+    request_id = _request_id(scope["headers"])
+    scope[REQUEST_ID_KEY] = request_id.decode()
+    return request_id
 
-    def __init__(
-        self, app: ASGIApp, access_log: AccessLog | None, tally: metrics.RequestTally
-    ) -> None:
-        self.app = app
+
+class Observer:
+    """Counts and times each request by route and status, and logs its access line: request
+    id, method, route, status and duration. Never the query string, a header or the body: they
+    can carry keys, prompts or user data."""
+
+    def __init__(self, access_log: AccessLog | None, tally: metrics.RequestTally) -> None:
         self.access_log = access_log
         self.tally = tally
+
+    def record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        route_path: str = getattr(route, "path", UNMATCHED_ROUTE)
+        method: str = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        self.tally.add(route_path, method, status, seconds)
+        if self.access_log is not None:
+            self.access_log.add(scope[REQUEST_ID_KEY], method, route_path, status, seconds)
+
+
+class ObserveMiddleware:
+    """Gives every request an id (echoed in X-Request-ID) and has the Observer record it (the
+    ingest POSTs get the same from routes.IngestLane, ahead of the middleware)."""
+
+    def __init__(self, app: ASGIApp, observer: Observer) -> None:
+        self.app = app
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _request_id(scope["headers"])
-        scope[REQUEST_ID_KEY] = request_id.decode()
+        request_id = assign_request_id(scope)
         # An exception escaping the app becomes a 500 further out (ServerErrorMiddleware).
         status = 500
 
@@ -150,12 +171,4 @@ class ObserveMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._record(scope, status, time.perf_counter() - started)
-
-    def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        route_path: str = getattr(route, "path", UNMATCHED_ROUTE)
-        method: str = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        self.tally.add(route_path, method, status, seconds)
-        if self.access_log is not None:
-            self.access_log.add(scope[REQUEST_ID_KEY], method, route_path, status, seconds)
+            self.observer.record(scope, status, time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
@@ -13,7 +14,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from xray_ingest import __version__, db, metrics
 from xray_ingest.auth import OPEN_WARNING, KeyRing
@@ -40,6 +41,7 @@ from xray_ingest.models import (
     decode_batch,
     decode_row,
 )
+from xray_ingest.observe import REQUEST_ID_HEADER, Observer, assign_request_id
 from xray_ingest.params import decode_cursor, encode_cursor, int_param, trace_filters, uuid_param
 from xray_ingest.tree import build_forest
 
@@ -121,6 +123,13 @@ class IngestEndpoint:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.answer(scope, receive, send)
+
+    async def answer(
+        self, scope: Scope, receive: Receive, send: Send, request_id: bytes | None = None
+    ) -> int:
+        """Handles the request and sends the response, with an X-Request-ID header when given
+        the id; returns the status sent."""
         app = scope["app"]
         try:
             status, document = await self.handler(
@@ -131,42 +140,86 @@ class IngestEndpoint:
             if on_error is None:
                 raise
             response = await on_error(Request(scope, receive), exc)
-            await response(scope, receive, send)
-            return
+            return await _send_response(response, scope, receive, send, request_id)
         content = ENCODER.encode(document)
         headers = [(b"content-length", b"%d" % len(content)), (b"content-type", _JSON)]
+        if request_id is not None:
+            headers.append((REQUEST_ID_HEADER, request_id))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+        return status
+
+
+async def _send_response(
+    response: Response, scope: Scope, receive: Receive, send: Send, request_id: bytes | None
+) -> int:
+    if request_id is not None and all(
+        name != REQUEST_ID_HEADER for name, _ in response.raw_headers
+    ):
+        response.raw_headers.append((REQUEST_ID_HEADER, request_id))
+    await response(scope, receive, send)
+    return response.status_code
+
+
+# An ingest route and its endpoint.
+Lane: TypeAlias = tuple[Route, IngestEndpoint]
 
 
 class IngestLane:
-    """Middleware that takes the ingest POSTs, nearly every request a server gets, straight to
-    their endpoints, past Starlette's router and exception middleware: those two cost a
-    single-event POST 35k of the 386k instructions it took (callgrind). Every other request,
-    and any under a root path, goes on the usual way."""
+    """Takes the ingest POSTs, nearly every request a server gets, straight to their endpoints
+    ahead of Starlette's middleware stack (see app.XrayApp), and does for them what the stack
+    would: the request id and the Observer's record (ObserveMiddleware), the key check
+    (AuthMiddleware), the app's error responses (its exception middlewares); without the
+    router, the layers and their send wrappers. Every other request goes the usual way, and so
+    do ingest POSTs under a root path, and those from a browser when CORS is on (they carry an
+    Origin header, which CORSMiddleware answers)."""
 
-    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute]) -> None:
-        self.app = app
-        self.lanes: dict[str, Route] = {
-            route.path: route
+    def __init__(
+        self, routes: Iterable[BaseRoute], keyring: KeyRing, observer: Observer, cors: bool
+    ) -> None:
+        self.lanes: dict[str, Lane] = {
+            route.path: (route, route.endpoint)
             for route in routes
             if isinstance(route, Route)
             and isinstance(route.endpoint, IngestEndpoint)
             and "POST" in (route.methods or ())
         }
+        self.keyring = keyring
+        self.observer = observer
+        self.cors = cors
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = None
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            route = self.lanes.get(scope["path"])
-        if route is None:
-            await self.app(scope, receive, send)
-            return
+    def lane_for(self, scope: Scope) -> Lane | None:
+        """The ingest route and endpoint this request takes the lane to, or None."""
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+            return None
+        lane = self.lanes.get(scope["path"])
+        if lane is not None and self.cors and _header(scope, b"origin") is not None:
+            return None
+        return lane
+
+    async def serve(self, lane: Lane, scope: Scope, receive: Receive, send: Send) -> None:
+        route, endpoint = lane
+        started = time.perf_counter()
+        request_id = assign_request_id(scope)
         # What the router would have added to the scope.
         scope["route"] = route
         scope["endpoint"] = route.endpoint
         scope["path_params"] = {}
-        await route.endpoint(scope, receive, send)
+        status = 500
+        try:
+            refusal = self.keyring.refusal(scope["method"], scope["headers"])
+            if refusal is not None:
+                status = await _send_response(refusal, scope, receive, send, request_id)
+                return
+            try:
+                status = await endpoint.answer(scope, receive, send, request_id)
+            except Exception as exc:
+                # The app's catch-all handler: a 500 that names the request id.
+                on_error = scope["app"].exception_handlers[Exception]
+                response = await on_error(Request(scope, receive), exc)
+                status = await _send_response(response, scope, receive, send, request_id)
+        finally:
+            self.observer.record(scope, status, time.perf_counter() - started)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
