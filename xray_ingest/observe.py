@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Final
 
@@ -115,6 +116,11 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     return f"{_ID_PREFIX}{next(_id_counter):08x}".encode()
 
 
+def names_request_id(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether response headers already carry an X-Request-ID (a 500 names its own)."""
+    return any(name == REQUEST_ID_HEADER for name, _ in headers)
+
+
 def assign_request_id(scope: Scope) -> bytes:
     """Gives the request its id (the caller's, when plain enough) in the scope; returns it as
     the X-Request-ID header value."""
@@ -164,7 +170,7 @@ class ObserveMiddleware:
                 status = message["status"]
                 headers = message.get("headers", ())
                 # A 500 names its request id itself (it can also be sent from further out).
-                if status != 500 or all(name != REQUEST_ID_HEADER for name, _ in headers):
+                if status != 500 or not names_request_id(headers):
                     message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
             await send(message)
 

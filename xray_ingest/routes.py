@@ -41,7 +41,12 @@ from xray_ingest.models import (
     decode_batch,
     decode_row,
 )
-from xray_ingest.observe import REQUEST_ID_HEADER, Observer, assign_request_id
+from xray_ingest.observe import (
+    REQUEST_ID_HEADER,
+    Observer,
+    assign_request_id,
+    names_request_id,
+)
 from xray_ingest.params import decode_cursor, encode_cursor, int_param, trace_filters, uuid_param
 from xray_ingest.tree import build_forest
 
@@ -153,9 +158,7 @@ class IngestEndpoint:
 async def _send_response(
     response: Response, scope: Scope, receive: Receive, send: Send, request_id: bytes | None
 ) -> int:
-    if request_id is not None and all(
-        name != REQUEST_ID_HEADER for name, _ in response.raw_headers
-    ):
+    if request_id is not None and not names_request_id(response.raw_headers):
         response.raw_headers.append((REQUEST_ID_HEADER, request_id))
     await response(scope, receive, send)
     return response.status_code
