@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests import samples
@@ -268,6 +271,46 @@ async def test_copy_stores_rows_with_payloads_and_trace_start(pool: db.Pool) -> 
         (events[1]["span_id"], "decision", None),
     }
     assert start == rows[1][6]
+
+
+def _send_buffer_after_widening() -> int:
+    """What the kernel makes of SEND_BUFFER_BYTES: capped at wmem_max, then doubled."""
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    return 2 * min(db.SEND_BUFFER_BYTES, wmem_max)
+
+
+def test_a_unix_socket_gets_the_wide_send_buffer_and_a_tcp_socket_keeps_its_own() -> None:
+    unix, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with unix, peer, tcp:
+        tcp_before = tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        db.widen_send_buffer(unix)
+        db.widen_send_buffer(tcp)
+        assert unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == _send_buffer_after_widening()
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == tcp_before
+
+
+async def test_pool_connections_over_a_unix_socket_get_the_wide_send_buffer(
+    database_dsn: str,
+) -> None:
+    # The same database through the server's Unix socket (the embedded server's DSN is one).
+    probe = await asyncpg.connect(database_dsn)
+    try:
+        folder = (await probe.fetchval("SHOW unix_socket_directories")).split(",")[0].strip()
+        port = await probe.fetchval("SHOW port")
+        name = await probe.fetchval("SELECT current_database()")
+        user = await probe.fetchval("SELECT current_user")
+    finally:
+        await probe.close()
+    pool = await db.create_pool(f"postgresql://{user}@/{name}?host={folder}&port={port}", 1)
+    try:
+        async with pool.acquire() as connection:
+            sock = connection._con._transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            assert sock.family == socket.AF_UNIX
+            sent = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert sent == _send_buffer_after_widening()
+    finally:
+        await pool.close()
 
 
 async def test_a_connection_back_in_the_pool_is_not_reset_but_its_transaction_is_ended(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -43,6 +44,9 @@ RARE_TAG_EVENTS: Final = 5_000
 UNANSWERED: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # jsonb's binary wire format is a version byte followed by the JSON text.
 _JSONB_VERSION: Final = b"\x01"
+# What a connection over a Unix socket may have in the kernel, sent but not yet read by the
+# database (see widen_send_buffer); the kernel caps it at net.core.wmem_max.
+SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
 
 # Strings: asyncpg's classes are generic only to the type checker.
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
@@ -57,9 +61,28 @@ def _decode_jsonb(data: bytes) -> Raw:
     return Raw(data[1:])
 
 
+def widen_send_buffer(sock: Any) -> None:
+    """Lets a Unix socket hold SEND_BUFFER_BYTES on its way to the database, so a COPY goes on
+    while the worker's event loop is busy decoding a batch.
+
+    Over a Unix socket (the embedded PostgreSQL) the kernel holds only net.core.wmem_default,
+    208 KB by default: about 3 ms of COPY, less than decoding one batch of 1000 events, so the
+    backend waited for data (ClientRead) about as often as it worked. TCP sizes its buffer itself.
+    """
+    if sock.family != socket.AF_UNIX:
+        return
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER_BYTES:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+
+
 async def init_connection(connection: Connection) -> None:
     """Makes jsonb and json travel as raw JSON bytes both ways: no decode and re-encode in
-    Python (json's binary wire format is its text; jsonb's adds a version byte)."""
+    Python (json's binary wire format is its text; jsonb's adds a version byte); widens the
+    socket's send buffer (widen_send_buffer)."""
+    # asyncpg has no public way to its socket: through its transport, where there is one.
+    transport = getattr(connection, "_transport", None)
+    if transport is not None:
+        widen_send_buffer(transport.get_extra_info("socket"))
     await connection.set_type_codec(
         "jsonb",
         schema="pg_catalog",
