@@ -79,7 +79,7 @@ async def init_connection(connection: Connection) -> None:
     """Makes jsonb and json travel as raw JSON bytes both ways: no decode and re-encode in
     Python (json's binary wire format is its text; jsonb's adds a version byte); widens the
     socket's send buffer (widen_send_buffer)."""
-    # asyncpg has no public way to its socket: through its transport, where there is one.
+    # asyncpg offers no public way to the socket; its (private) transport has it.
     transport = getattr(connection, "_transport", None)
     if transport is not None:
         widen_send_buffer(transport.get_extra_info("socket"))
