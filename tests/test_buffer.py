@@ -273,20 +273,28 @@ async def test_copy_stores_rows_with_payloads_and_trace_start(pool: db.Pool) -> 
     assert start == rows[1][6]
 
 
-def _send_buffer_after_widening() -> int:
-    """What the kernel makes of SEND_BUFFER_BYTES: capped at wmem_max, then doubled."""
-    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
-    return 2 * min(db.SEND_BUFFER_BYTES, wmem_max)
+def _net_core(name: str) -> int:
+    return int(Path(f"/proc/sys/net/core/{name}").read_text())
+
+
+def _send_buffer_after_widening(before: int) -> int:
+    """A socket's send buffer once widened: one already that wide is left alone; else the kernel
+    caps SEND_BUFFER_BYTES at wmem_max and doubles it."""
+    if before >= db.SEND_BUFFER_BYTES:
+        return before
+    return 2 * min(db.SEND_BUFFER_BYTES, _net_core("wmem_max"))
 
 
 def test_a_unix_socket_gets_the_wide_send_buffer_and_a_tcp_socket_keeps_its_own() -> None:
     unix, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with unix, peer, tcp:
+        unix_before = unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         tcp_before = tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         db.widen_send_buffer(unix)
         db.widen_send_buffer(tcp)
-        assert unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == _send_buffer_after_widening()
+        widened = unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert widened == _send_buffer_after_widening(unix_before)
         assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == tcp_before
 
 
@@ -308,7 +316,8 @@ async def test_pool_connections_over_a_unix_socket_get_the_wide_send_buffer(
             sock = connection._con._transport.get_extra_info("socket")  # type: ignore[attr-defined]
             assert sock.family == socket.AF_UNIX
             sent = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            assert sent == _send_buffer_after_widening()
+            # A new Unix socket starts at wmem_default.
+            assert sent == _send_buffer_after_widening(_net_core("wmem_default"))
     finally:
         await pool.close()
 
