@@ -304,10 +304,13 @@ async def test_pool_connections_over_a_unix_socket_get_the_wide_send_buffer(
     # The same database through the server's Unix socket (the embedded server's DSN is one).
     probe = await asyncpg.connect(database_dsn)
     try:
-        folder = (await probe.fetchval("SHOW unix_socket_directories")).split(",")[0].strip()
-        port = await probe.fetchval("SHOW port")
-        name = await probe.fetchval("SELECT current_database()")
-        user = await probe.fetchval("SELECT current_user")
+        settings = await probe.fetchrow(
+            "SELECT current_setting('unix_socket_directories'), current_setting('port'),"
+            " current_database(), current_user"
+        )
+        assert settings is not None
+        folders, port, name, user = settings
+        folder = folders.split(",")[0].strip()
     finally:
         await probe.close()
     pool = await db.create_pool(f"postgresql://{user}@/{name}?host={folder}&port={port}", 1)

@@ -206,7 +206,7 @@ class IngestLane:
         request_id = assign_request_id(scope)
         # What the router would have added to the scope.
         scope["route"] = route
-        scope["endpoint"] = route.endpoint
+        scope["endpoint"] = endpoint
         scope["path_params"] = {}
         status = 500
         try:
