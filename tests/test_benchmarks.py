@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_visibility
+from benchmarks.common import SCRAPE_MAX_S, SCRAPE_MIN_S, next_scrape_s
 from tests.conftest import _admin
 from tests.processes import PROJECT_DIR
 
@@ -137,3 +138,15 @@ def test_overhead_benchmark_compares_a_checkout_with_this_one(server_dsn: str) -
     assert len(report["runs"]) == 9  # 3 scenarios x 3 variants
     assert all(run["committed_events_per_s"] > 0 for run in report["runs"])
     assert {row["ratio_to_before"] for row in report["table"][::3]} == {1.0}
+
+
+def test_scrapes_close_in_on_the_end_of_the_drain() -> None:
+    # The first scrape gives no rate yet: the next comes soon.
+    assert next_scrape_s(10_000, None, (1.0, 0)) == SCRAPE_MIN_S
+    # 10,000 events in 0.05 s since the last: 20,000 left take 0.1 s, and half of that is waited.
+    assert next_scrape_s(20_000, (1.0, 0), (1.05, 10_000)) == pytest.approx(0.05)
+    # Far from the end the wait is capped; near it, floored.
+    assert next_scrape_s(10**7, (1.0, 0), (1.05, 10_000)) == SCRAPE_MAX_S
+    assert next_scrape_s(10, (1.0, 0), (1.05, 10_000)) == SCRAPE_MIN_S
+    # No progress since the last scrape (the database away): the longest wait.
+    assert next_scrape_s(5_000, (1.0, 10_000), (1.05, 10_000)) == SCRAPE_MAX_S
