@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from benchmarks.common import (
     RESULTS_DIR,
     HttpClient,
     ServerProcess,
     count_events,
     dumps,
+    execute,
     fresh_database,
     machine_busy_seconds,
     percentile,
@@ -117,12 +116,7 @@ def summarize(rounds: list[Result]) -> Summary:
 
 
 async def truncate(dsn: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute("TRUNCATE events, traces, dead_letter_events")
-        await connection.execute("CHECKPOINT")
-    finally:
-        await connection.close()
+    await execute(dsn, "TRUNCATE events, traces, dead_letter_events", "CHECKPOINT")
 
 
 @dataclass(frozen=True)

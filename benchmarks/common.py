@@ -343,6 +343,16 @@ class HttpClient(asyncio.Protocol):
             self._transport.close()
 
 
+async def execute(dsn: str, *statements: str) -> None:
+    """Runs each statement in turn on a new connection (TRUNCATE, CHECKPOINT between runs)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 async def count_events(dsn: str) -> int:
     connection = await asyncpg.connect(dsn)
     try:
