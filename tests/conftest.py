@@ -11,9 +11,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
+from benchmarks.common import execute
 from tests.processes import Server
 from xray_ingest import db
 from xray_ingest.embedded import postgres_or_throwaway
@@ -24,15 +24,6 @@ def with_database(dsn: str, name: str) -> str:
     """The same server DSN, pointing at database `name`."""
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def _admin(dsn: str, *statements: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -46,21 +37,21 @@ def server_dsn() -> Iterator[str]:
 def template_database(server_dsn: str) -> Iterator[str]:
     """A database migrated once per run by the real migrator; tests clone it."""
     name = f"xray_test_template_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(server_dsn, f"CREATE DATABASE {name}"))
+    asyncio.run(execute(server_dsn, f"CREATE DATABASE {name}"))
     asyncio.run(migrate(with_database(server_dsn, name)))
     yield name
-    asyncio.run(_admin(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    asyncio.run(execute(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @contextlib.asynccontextmanager
 async def scratch_database(server_dsn: str, template: str = "template1") -> AsyncIterator[str]:
     """A new database cloned from template, dropped on exit; yields its DSN."""
     name = f"xray_t_{uuid.uuid4().hex[:12]}"
-    await _admin(server_dsn, f"CREATE DATABASE {name} TEMPLATE {template}")
+    await execute(server_dsn, f"CREATE DATABASE {name} TEMPLATE {template}")
     try:
         yield with_database(server_dsn, name)
     finally:
-        await _admin(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await execute(server_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

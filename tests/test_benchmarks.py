@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_visibility
-from benchmarks.common import SCRAPE_MAX_S, SCRAPE_MIN_S, next_scrape_s
-from tests.conftest import _admin
+from benchmarks.common import SCRAPE_MAX_S, SCRAPE_MIN_S, execute, next_scrape_s
 from tests.processes import PROJECT_DIR
 
 RESULTS = PROJECT_DIR / "benchmarks" / "results"
@@ -83,7 +82,7 @@ async def test_queries_benchmark_smoke_run_times_every_endpoint(server_dsn: str)
             "--output=queries-smoke.json",
         )
     finally:
-        await _admin(server_dsn, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        await execute(server_dsn, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     report = json.loads((RESULTS / "queries-smoke.json").read_text())
     assert len(report["latency_ms"]) == 15
     assert all(timing["p50"] > 0 for timing in report["latency_ms"].values())
