@@ -9,21 +9,14 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from benchmarks.common import execute
+from benchmarks.common import execute, with_database
 from tests.processes import Server
 from xray_ingest import db
 from xray_ingest.embedded import postgres_or_throwaway
 from xray_ingest.migrate import migrate
-
-
-def with_database(dsn: str, name: str) -> str:
-    """The same server DSN, pointing at database `name`."""
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import with_database
+from benchmarks.common import with_database
 from tests.processes import Loader, Server, base_env, request, request_text
 from xray_ingest.embedded import start_embedded_postgres
 from xray_ingest.migrate import migrate
