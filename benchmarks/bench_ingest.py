@@ -81,6 +81,9 @@ class Summary(Result):
     # Durable scenarios: the median over rounds of this scenario's committed rate against the
     # fast-mode scenario of the same batch size and connections, run just before it.
     ratio_to_fast: float | None = None
+    # Single-event scenarios in fast mode: the committed rate against the best run of the HTTP
+    # floor (see measure_floor).
+    ratio_to_http_floor: float | None = None
 
 
 _MEDIAN_FIELDS = (
@@ -173,6 +176,73 @@ def request_bodies(encoded: list[bytes], batch_size: int) -> list[bytes]:
     ]
 
 
+@dataclass
+class Posted:
+    """What posting a scenario's bodies took: each request's latency (sorted), the 503s that were
+    retried, when the first was sent and the last answered (perf_counter), and the CPU seconds
+    used by the server, the load generator and the whole machine before the first."""
+
+    latencies: list[float]
+    refusals: int
+    started: float
+    finished: float
+    cpu_before: tuple[float, float, float]
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+async def post_all(
+    server: ServerProcess, bodies: list[bytes], path: bytes, connections: int
+) -> Posted:
+    """Posts every body over `connections` keep-alive connections, one request at a time on each,
+    retrying 503s; raises on any other status but 201 and 202."""
+    await server.wait_ready()
+    latencies: list[float] = []
+    refusals = 0
+    next_body = iter(bodies)
+
+    async def worker() -> None:
+        client = await HttpClient.connect(server.port)
+        try:
+            nonlocal refusals
+            for body in next_body:
+                while True:
+                    sent = time.perf_counter()
+                    status, payload = await client.request(b"POST", path, body)
+                    latencies.append(time.perf_counter() - sent)
+                    if status != 503:
+                        break
+                    # Queue full: the server's backpressure. Retry soon (sooner than its
+                    # Retry-After, to keep it saturated) and count the refusal.
+                    refusals += 1
+                    await asyncio.sleep(RETRY_503_S)
+                if status not in (201, 202):
+                    raise RuntimeError(
+                        f"status {status}: {payload[:200]!r}\n"
+                        f"the server's log ends with:\n{server.output()[-3000:]}"
+                    )
+        finally:
+            client.close()
+
+    cpu_before = (server.cpu_seconds(), time.process_time(), machine_busy_seconds())
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    finished = time.perf_counter()
+    latencies.sort()
+    return Posted(latencies, refusals, started, finished, cpu_before)
+
+
+def cpu_us_per_item(server: ServerProcess, posted: Posted, items: int) -> tuple[float, ...]:
+    """CPU microseconds per item since posting began: the server's, the load generator's and the
+    rest of the machine's."""
+    server_cpu = server.cpu_seconds() - posted.cpu_before[0]
+    load_cpu = time.process_time() - posted.cpu_before[1]
+    other_cpu = machine_busy_seconds() - posted.cpu_before[2] - server_cpu - load_cpu
+    return tuple(round(cpu * 1e6 / items, 1) for cpu in (server_cpu, load_cpu, other_cpu))
+
+
 async def drive(
     dsn: str,
     encoded: list[bytes],
@@ -187,40 +257,9 @@ async def drive(
     stored_before = await count_events(dsn)
     server = server or ServerProcess(dsn)
     try:
-        await server.wait_ready()
         bodies = request_bodies(encoded, batch_size)
         path = (b"/v1/events" if batch_size == 1 else b"/v1/events/batch") + query.encode()
-        latencies: list[float] = []
-        refusals = 0
-        next_body = iter(bodies)
-
-        async def worker() -> None:
-            client = await HttpClient.connect(server.port)
-            try:
-                nonlocal refusals
-                for body in next_body:
-                    while True:
-                        sent = time.perf_counter()
-                        status, payload = await client.request(b"POST", path, body)
-                        latencies.append(time.perf_counter() - sent)
-                        if status != 503:
-                            break
-                        # Queue full: the server's backpressure. Retry soon (sooner than its
-                        # Retry-After, to keep it saturated) and count the refusal.
-                        refusals += 1
-                        await asyncio.sleep(RETRY_503_S)
-                    if status not in (201, 202):
-                        raise RuntimeError(
-                            f"status {status}: {payload[:200]!r}\n"
-                            f"the server's log ends with:\n{server.output()[-3000:]}"
-                        )
-            finally:
-                client.close()
-
-        cpu_before = (server.cpu_seconds(), time.process_time(), machine_busy_seconds())
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        acked = time.perf_counter() - started
+        posted = await post_all(server, bodies, path, connections)
         # Committed when the server's metrics say so (a server without /metrics: when count(*)
         # sees the rows). Then count(*) confirms, outside the timed span: it scans the whole
         # table, seconds at millions of stored rows.
@@ -228,29 +267,27 @@ async def drive(
         if not await server.wait_committed(len(encoded)):
             while await count_events(dsn) < expected:
                 await asyncio.sleep(0.02)
-        committed = time.perf_counter() - started
-        server_cpu = server.cpu_seconds() - cpu_before[0]
-        load_cpu = time.process_time() - cpu_before[1]
-        other_cpu = machine_busy_seconds() - cpu_before[2] - server_cpu - load_cpu
+        committed = time.perf_counter() - posted.started
+        server_cpu, load_cpu, other_cpu = cpu_us_per_item(server, posted, len(encoded))
         if (stored := await count_events(dsn)) != expected:
             raise RuntimeError(f"{stored:,} rows stored, expected {expected:,}")
-        latencies.sort()
+        latencies = posted.latencies
         result = Result(
             scenario=f"{'single' if batch_size == 1 else f'batch {batch_size}'}"
             + (" durable" if query else ""),
             batch_size=batch_size,
             connections=connections,
             events=len(encoded),
-            requests_per_s=round(len(bodies) / acked),
-            acked_events_per_s=round(len(encoded) / acked),
+            requests_per_s=round(len(bodies) / posted.seconds),
+            acked_events_per_s=round(len(encoded) / posted.seconds),
             committed_events_per_s=round(len(encoded) / committed),
             latency_p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
             latency_p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
             server_peak_rss_mib=round(server.peak_rss_mib(), 1),
-            refused_503=refusals,
-            server_cpu_us_per_event=round(server_cpu * 1e6 / len(encoded), 1),
-            load_generator_cpu_us_per_event=round(load_cpu * 1e6 / len(encoded), 1),
-            other_cpu_us_per_event=round(other_cpu * 1e6 / len(encoded), 1),
+            refused_503=posted.refusals,
+            server_cpu_us_per_event=server_cpu,
+            load_generator_cpu_us_per_event=load_cpu,
+            other_cpu_us_per_event=other_cpu,
         )
     finally:
         server.stop()
@@ -259,7 +296,40 @@ async def drive(
     return result
 
 
-def print_table(ceilings: dict[str, float], summaries: list[Summary]) -> None:
+@dataclass
+class HttpFloor:
+    """One run of benchmarks.floor_app (a bare ASGI app on uvicorn run as `serve` runs it) driven
+    with the single-event scenario's bodies and connections: what HTTP alone allows here."""
+
+    requests_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    server_cpu_us_per_request: float
+    load_generator_cpu_us_per_request: float
+
+
+async def measure_floor(dsn: str, encoded: list[bytes], connections: int) -> HttpFloor:
+    print(f"HTTP floor: a bare ASGI app, {connections} connections ...", file=sys.stderr)
+    server = ServerProcess(dsn, module=("benchmarks.floor_app",))
+    try:
+        posted = await post_all(server, encoded, b"/v1/events", connections)
+        server_cpu, load_cpu, _ = cpu_us_per_item(server, posted, len(encoded))
+    finally:
+        server.stop()
+    floor = HttpFloor(
+        requests_per_s=round(len(encoded) / posted.seconds),
+        latency_p50_ms=round(percentile(posted.latencies, 0.50) * 1000, 2),
+        latency_p99_ms=round(percentile(posted.latencies, 0.99) * 1000, 2),
+        server_cpu_us_per_request=server_cpu,
+        load_generator_cpu_us_per_request=load_cpu,
+    )
+    print(f"  {floor.requests_per_s:,.0f} requests/s", file=sys.stderr)
+    return floor
+
+
+def print_table(
+    ceilings: dict[str, float], summaries: list[Summary], floors: list[HttpFloor]
+) -> None:
     print()
     for name, value in ceilings.items():
         print(f"raw COPY ceiling, {name}: {value:,.0f} rows/s (the best of its runs)")
@@ -284,6 +354,18 @@ def print_table(ceilings: dict[str, float], summaries: list[Summary]) -> None:
             f"{s.server_cpu_us_per_event:>22.1f}{s.load_generator_cpu_us_per_event:>10.1f}"
             f"{s.other_cpu_us_per_event:>7.1f}"
         )
+    if floors:
+        best = max(floors, key=lambda floor: floor.requests_per_s)
+        print(
+            f"\nHTTP floor (benchmarks.floor_app, single-event bodies), best of {len(floors)}: "
+            f"{best.requests_per_s:,.0f} requests/s, p50 / p99 {best.latency_p50_ms:.2f} / "
+            f"{best.latency_p99_ms:.2f} ms, CPU us/request: server "
+            f"{best.server_cpu_us_per_request:.1f}, load gen "
+            f"{best.load_generator_cpu_us_per_request:.1f}"
+        )
+        for s in summaries:
+            if s.ratio_to_http_floor is not None:
+                print(f"{s.scenario}: committed {s.ratio_to_http_floor:.2f} x the HTTP floor")
 
 
 @dataclass(frozen=True)
@@ -291,6 +373,12 @@ class Scenario:
     batch_size: int
     connections: int
     durable: bool = False
+
+    @property
+    def has_http_floor(self) -> bool:
+        """Single events in fast mode: the HTTP floor (measure_floor) runs after each round of it,
+        with its bodies and connections, and its ratio to the floor is reported."""
+        return self.batch_size == 1 and not self.durable
 
 
 # Each durable scenario runs right after the fast one it is compared with, so that the two are
@@ -344,6 +432,7 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
     gc.collect()
     gc.freeze()
     by_scenario: list[list[Result]] = [[] for _ in scenarios]
+    floors: list[HttpFloor] = []
     with postgres_server() as server_dsn:
         async with fresh_database(server_dsn) as dsn:
             # The two-connection ceilings are measured before the scenarios and again after each
@@ -368,6 +457,11 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
                     )
                     print(json.dumps({**asdict(result), "round": number}))
                     results.append(result)
+                    if scenario.has_http_floor:
+                        # Right after the scenario, so that both see the machine alike.
+                        floor = await measure_floor(dsn, encoded, scenario.connections)
+                        print(json.dumps({"http_floor": asdict(floor), "round": number}))
+                        floors.append(floor)
                 for ceiling, runs in ceiling_runs.items():
                     if ceiling.connections == 2:
                         await measure_ceiling(dsn, rows, ceiling, runs)
@@ -377,13 +471,19 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
     for summary in summaries:
         summary.ratio_to_ceiling = round(summary.committed_events_per_s / best, 3)
     durable_against_fast(scenarios, by_scenario, summaries)
-    print_table(ceilings, summaries)
+    floor_best = max((floor.requests_per_s for floor in floors), default=None)
+    for scenario, summary in zip(scenarios, summaries, strict=True):
+        if scenario.has_http_floor and floor_best:
+            summary.ratio_to_http_floor = round(summary.committed_events_per_s / floor_best, 3)
+    print_table(ceilings, summaries, floors)
     return {
         "events": events,
         "mean_event_bytes": round(mean_size),
         "rounds": rounds,
         "ceiling_rows_per_s": ceilings,
         "ceiling_runs": {str(ceiling): runs for ceiling, runs in ceiling_runs.items()},
+        "http_floor_requests_per_s": floor_best,
+        "http_floor_runs": [asdict(floor) for floor in floors],
         "results": [asdict(s) for s in summaries],
         "runs": [
             {**asdict(r), "round": number}
@@ -395,7 +495,7 @@ async def run(events: int, scenarios: list[Scenario], rounds: int) -> dict[str, 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Committed events/s per scenario (the median, with the spread over the rounds) beside the
-    raw COPY ceilings of the same run."""
+    raw COPY ceilings of the same run, and the HTTP floor over the single-event scenario."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,8 +515,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
         report["ceiling_rows_per_s"].items(), styles, strict=True
     ):
         axes.axhline(value, linestyle=style, color=colour, label=f"raw COPY, {label}")
+    floor = report["http_floor_requests_per_s"]
+    singles = [i for i, r in enumerate(results) if r["ratio_to_http_floor"] is not None]
+    if floor and singles:
+        # Across the bar's width (0.8 by default).
+        axes.hlines(
+            [floor] * len(singles),
+            [i - 0.4 for i in singles],
+            [i + 0.4 for i in singles],
+            linewidth=2,
+            color="#117733",
+            label="HTTP floor: a bare ASGI app, requests/s",
+        )
     # Headroom above the highest line for the legend.
-    tallest = max([*report["ceiling_rows_per_s"].values(), *(r["committed_max"] for r in results)])
+    tallest = max(
+        [*report["ceiling_rows_per_s"].values(), *(r["committed_max"] for r in results), floor or 0]
+    )
     axes.set_ylim(0, 1.3 * tallest)
     axes.legend(loc="upper right", fontsize="small")
     axes.set_ylabel(f"committed events/s (median of {report['rounds']} rounds, min-max)")

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -202,12 +202,19 @@ def next_scrape_s(
 class ServerProcess:
     """`xray-ingest serve` with default settings (as a user starts it) on a free port."""
 
-    def __init__(self, dsn: str, cwd: Path = PROJECT_DIR, **env: str) -> None:
-        """cwd: the checkout whose xray_ingest runs (`python -m` imports from there first)."""
+    def __init__(
+        self,
+        dsn: str,
+        cwd: Path = PROJECT_DIR,
+        module: Sequence[str] = ("xray_ingest", "serve"),
+        **env: str,
+    ) -> None:
+        """cwd: the checkout whose xray_ingest runs (`python -m` imports from there first);
+        module: what `python -m` runs, given `--port` (benchmarks.floor_app takes it too)."""
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "xray_ingest", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", *module, "--port", str(self.port)],
             env={**os.environ, "DATABASE_URL": dsn, **env},
             cwd=cwd,
             stdout=self.log,

@@ -46,6 +46,13 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
     assert len(report["ceiling_runs"]["2 connection(s), packed as the server does"]) == 3
     assert len(report["ceiling_runs"]["1 connection(s)"]) == 1
     assert len(report["runs"]) == 2 * len(report["results"])
+    # The HTTP floor runs after each round of single events, and the best run counts.
+    floors = report["http_floor_runs"]
+    assert len(floors) == 2
+    assert report["http_floor_requests_per_s"] == max(f["requests_per_s"] for f in floors)
+    for floor in floors:
+        assert 0 < floor["latency_p50_ms"] <= floor["latency_p99_ms"]
+        assert floor["server_cpu_us_per_request"] > 0
     for result in report["results"]:
         assert result["rounds"] == 2
         assert result["committed_min"] <= result["committed_events_per_s"]
@@ -55,6 +62,7 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
             result["committed_max"],
         ]
         assert (result["ratio_to_fast"] is not None) == result["scenario"].endswith("durable")
+        assert (result["ratio_to_http_floor"] is not None) == (result["scenario"] == "single")
         assert result["committed_events_per_s"] > 0
         assert result["ratio_to_ceiling"] > 0
         assert result["server_peak_rss_mib"] > 0

@@ -23,6 +23,25 @@ from xray_ingest.logconfig import configure_logging, logging_config
 from xray_ingest.migrate import migrate
 
 
+def uvicorn_options(settings: Settings, host: str, port: int, workers: int) -> dict[str, Any]:
+    """How `serve` runs uvicorn, apart from the app (benchmarks.floor_app runs its bare app so)."""
+    return {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "loop": "uvloop",
+        # httptools, with each response sent in one write (see protocol.py).
+        "http": "xray_ingest.protocol:HttpProtocol",
+        "access_log": False,
+        "log_config": logging_config(settings.log_level, settings.log_format),
+        # No proxy in front by default; forwarded headers would cost every request.
+        "proxy_headers": False,
+        # No `server: uvicorn` header: it tells a client what to attack, and formatting and
+        # checking it cost each single-event POST 4.5k of its 386k instructions.
+        "server_header": False,
+    }
+
+
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray-ingest", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,19 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(
             "xray_ingest.app:create_app",
             factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            loop="uvloop",
-            # httptools, with each response sent in one write (see protocol.py).
-            http="xray_ingest.protocol:HttpProtocol",
-            access_log=False,
-            log_config=logging_config(settings.log_level, settings.log_format),
-            # No proxy in front by default; forwarded headers would cost every request.
-            proxy_headers=False,
-            # No `server: uvicorn` header: it tells a client what to attack, and formatting
-            # and checking it cost each single-event POST 4.5k of its 386k instructions.
-            server_header=False,
+            **uvicorn_options(settings, args.host, args.port, args.workers),
         )
     return 0
 
