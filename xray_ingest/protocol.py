@@ -1,17 +1,34 @@
-"""uvicorn's httptools HTTP protocol, sending each response in one write instead of two.
+"""uvicorn's httptools HTTP protocol, sending each response in one write instead of two, and
+answering plain single-event POSTs itself.
 
 uvicorn writes the status line and headers when the app sends http.response.start, and the body
 when it sends http.response.body: two send() calls, two TCP segments and two wake-ups of the
 client for a small response such as an ingest 202. Here writes made within one event-loop
 iteration are held and sent together at its end.
+
+For each request uvicorn builds a RequestResponseCycle and starts an ASGI task, which the app then
+answers through its receive and send messages: for an SDK's single-event POST that machinery cost
+more than decoding and queueing the event. So a plain one (`POST /v1/events` over HTTP/1.1
+keep-alive, no query, no compression, no `Prefer`; routes.IngestLane.plain_event_length has the
+rest) is read here and handed to routes.IngestLane.accept_plain_event, which queues it; its 202 is
+written here. Whatever that declines (a key refused, an invalid event, a full queue) is replayed
+into uvicorn's own cycle with the body already read, so the app answers it as it answers
+everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from xray_ingest import routes
+
+logger = logging.getLogger(__name__)
+
+_SINGLE_EVENT_URL: Final = routes.SINGLE_EVENT_PATH.encode()
 
 
 class JoinedWrites:
@@ -49,6 +66,91 @@ class JoinedWrites:
 class HttpProtocol(HttpToolsProtocol):
     """Passed to uvicorn as its `http` protocol class."""
 
+    # The body so far of the plain single-event POST being read, or None for any other request
+    # (uvicorn's cycle has it).
+    _plain_body: bytearray | None = None
+    # uvicorn asked this connection to close while a plain POST was being read.
+    _close_after_plain = False
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         joined = JoinedWrites(transport, asyncio.get_running_loop())
         super().connection_made(joined)  # type: ignore[arg-type]
+
+    def _is_plain_event(self) -> bool:
+        """Whether this request is a plain single-event POST, answered here."""
+        lane: routes.IngestLane | None = getattr(self.app, "lane", None)
+        if (
+            lane is None
+            or self.url != _SINGLE_EVENT_URL
+            or self.root_path
+            or self.limit_concurrency is not None
+            or self.parser.get_method() != b"POST"
+            or self.parser.get_http_version() != "1.1"
+            or not self.parser.should_keep_alive()
+            or self.parser.should_upgrade()
+            # The previous response still going out, or requests queued behind it: uvicorn keeps
+            # them in order.
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.pipeline
+            or self.flow.write_paused
+        ):
+            return False
+        return lane.plain_event_length(self.headers) is not None
+
+    def on_headers_complete(self) -> None:
+        # A plain POST's answer, earlier in the same read, armed the idle timer: this request
+        # is not idleness (uvicorn itself disarms it only as each read begins).
+        self._unset_keepalive_if_required()
+        if self._is_plain_event():
+            self._plain_body = bytearray()
+        else:
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._plain_body is None:
+            super().on_body(body)
+        else:
+            self._plain_body += body
+
+    def on_message_complete(self) -> None:
+        if self._plain_body is None:
+            super().on_message_complete()
+            return
+        body, self._plain_body = bytes(self._plain_body), None
+        try:
+            answer = self.app.lane.accept_plain_event(self.app.state, self.headers, body)
+        except Exception:
+            # The app's own path answers it (a 500 naming the request id, if it fails there too).
+            logger.exception("answering a single-event POST in the protocol failed")
+            answer = None
+        if answer is None:
+            self._replay(body)
+            return
+        request_id, document = answer
+        head = [b"HTTP/1.1 202 Accepted\r\n"]
+        for name, value in self.server_state.default_headers:  # the date
+            head += (name, b": ", value, b"\r\n")
+        head.append(
+            b"content-length: %d\r\ncontent-type: application/json\r\nx-request-id: %s\r\n\r\n"
+            % (len(document), request_id)
+        )
+        head.append(document)
+        self.transport.write(b"".join(head))
+        if self._close_after_plain:
+            self.transport.close()
+        self.on_response_complete()
+
+    def _replay(self, body: bytes) -> None:
+        """Hands the request, its body already read, to uvicorn's cycle and the ASGI app."""
+        super().on_headers_complete()
+        if self._close_after_plain:
+            self.cycle.keep_alive = False
+        if body:
+            super().on_body(body)
+        super().on_message_complete()
+
+    def shutdown(self) -> None:
+        if self._plain_body is None:
+            super().shutdown()
+        else:  # answer the request being read, then close
+            self._close_after_plain = True

@@ -167,6 +167,14 @@ async def _send_response(
 # An ingest route and its endpoint.
 Lane: TypeAlias = tuple[Route, IngestEndpoint]
 
+# The single-event route, and the largest body of it that the HTTP protocol may answer itself
+# (IngestLane.accept_plain_event): an SDK's event is about 1 KB; a larger one goes the ASGI way.
+SINGLE_EVENT_PATH: Final = "/v1/events"
+PLAIN_EVENT_MAX_BYTES: Final = 65_536
+# Headers that make a single-event POST go the ASGI way: a compressed or chunked body, a durable
+# request (Prefer: wait), a client waiting for 100 Continue.
+_NOT_PLAIN: Final = frozenset({b"content-encoding", b"transfer-encoding", b"prefer", b"expect"})
+
 
 class IngestLane:
     """Takes the ingest POSTs, nearly every request a server gets, straight to their endpoints
@@ -190,6 +198,45 @@ class IngestLane:
         self.keyring = keyring
         self.observer = observer
         self.cors = cors
+
+    def plain_event_length(self, headers: list[tuple[bytes, bytes]]) -> int | None:
+        """The declared length of a single-event POST's body when the HTTP protocol may answer it
+        itself (protocol.HttpProtocol, which has checked the method, the path and the framing),
+        else None: a header in _NOT_PLAIN, an Origin under CORS, no Content-Length, or one
+        past PLAIN_EVENT_MAX_BYTES."""
+        length = None
+        for name, value in headers:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else None
+            elif name in _NOT_PLAIN or (self.cors and name == b"origin"):
+                return None
+        return length if length is not None and length <= PLAIN_EVENT_MAX_BYTES else None
+
+    def accept_plain_event(
+        self, state: Any, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[bytes, bytes] | None:
+        """Takes a plain single-event POST (see plain_event_length) without an ASGI cycle, for
+        the HTTP protocol: queues the event, records the request as serve() does, and returns
+        the request id and the 202 document. Returns None, having queued and recorded nothing,
+        when the request must go the ASGI way after all, which builds the answer: a key refused,
+        an empty or invalid event, a closed or full queue. `state` is the app's state."""
+        started = time.perf_counter()
+        buffer: Buffer = state.buffer
+        if self.keyring.refusal("POST", headers) is not None:
+            return None
+        if buffer.closed or not buffer.has_room(1, len(body)) or not body.strip():
+            return None
+        try:
+            row = decode_row(body, max_depth=state.settings.max_depth)
+        except InvalidEvent:
+            return None
+        buffer.put([row], len(body))  # room was checked above, in this same loop iteration
+        document = ENCODER.encode(EventAccepted(id=row[3], trace_id=row[2]))
+        route, _ = self.lanes[SINGLE_EVENT_PATH]
+        scope = {"type": "http", "method": "POST", "headers": headers, "route": route}
+        request_id = assign_request_id(scope)
+        self.observer.record(scope, 202, time.perf_counter() - started)
+        return request_id, document
 
     def lane_for(self, scope: Scope) -> Lane | None:
         """The ingest route and endpoint this request takes the lane to, or None."""
