@@ -191,6 +191,19 @@ async def test_plain_posts_get_the_apps_refusals(database_dsn: str) -> None:
         server.stop()  # drains the queue
     stored = await stored_span_ids(database_dsn, 1000)
     assert stored == {e["span_id"] for e in batch}
+    # A body past a body limit set below what the protocol would read: 413 from the app.
+    server = Server(
+        base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="1", XRAY_MAX_BODY_BYTES="300")
+    )
+    connection = Connection(server.port)
+    try:
+        connection.send(post(dumps(samples.custom(data={"text": "x" * 400}))))
+        assert connection.response()[0] == 413
+        connection.send(post(dumps(samples.custom())))
+        assert connection.response()[0] == 202
+    finally:
+        connection.close()
+        server.stop()
 
 
 async def test_a_plain_post_being_read_at_shutdown_is_answered_then_closed(

@@ -219,15 +219,19 @@ class IngestLane:
         the HTTP protocol: queues the event, records the request as serve() does, and returns
         the request id and the 202 document. Returns None, having queued and recorded nothing,
         when the request must go the ASGI way after all, which builds the answer: a key refused,
-        an empty or invalid event, a closed or full queue. `state` is the app's state."""
+        a body past XRAY_MAX_BODY_BYTES, an empty or invalid event, a closed or full queue.
+        `state` is the app's state."""
         started = time.perf_counter()
         buffer: Buffer = state.buffer
+        settings: Settings = state.settings
         if self.keyring.refusal("POST", headers) is not None:
             return None
-        if buffer.closed or not buffer.has_room(1, len(body)) or not body.strip():
+        if len(body) > settings.max_body_bytes or not body.strip():
+            return None
+        if buffer.closed or not buffer.has_room(1, len(body)):
             return None
         try:
-            row = decode_row(body, max_depth=state.settings.max_depth)
+            row = decode_row(body, max_depth=settings.max_depth)
         except InvalidEvent:
             return None
         buffer.put([row], len(body))  # room was checked above, in this same loop iteration
