@@ -297,7 +297,13 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
         Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
     ]
     app = XrayApp(
-        routes.IngestLane(app_routes, keyring, observer, cors=bool(settings.cors_origins)),
+        routes.IngestLane(
+            app_routes,
+            keyring,
+            observer,
+            cors=bool(settings.cors_origins),
+            max_body_bytes=settings.max_body_bytes,
+        ),
         routes=app_routes,
         exception_handlers={
             QueueFullError: _unavailable,

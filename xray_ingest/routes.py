@@ -186,7 +186,12 @@ class IngestLane:
     Origin header, which CORSMiddleware answers)."""
 
     def __init__(
-        self, routes: Iterable[BaseRoute], keyring: KeyRing, observer: Observer, cors: bool
+        self,
+        routes: Iterable[BaseRoute],
+        keyring: KeyRing,
+        observer: Observer,
+        cors: bool,
+        max_body_bytes: int,
     ) -> None:
         self.lanes: dict[str, Lane] = {
             route.path: (route, route.endpoint)
@@ -198,19 +203,22 @@ class IngestLane:
         self.keyring = keyring
         self.observer = observer
         self.cors = cors
+        # The largest body the HTTP protocol may answer itself: a larger one goes the ASGI way,
+        # which answers 413 past XRAY_MAX_BODY_BYTES.
+        self.plain_event_max_bytes = min(PLAIN_EVENT_MAX_BYTES, max_body_bytes)
 
     def plain_event_length(self, headers: list[tuple[bytes, bytes]]) -> int | None:
         """The declared length of a single-event POST's body when the HTTP protocol may answer it
         itself (protocol.HttpProtocol, which has checked the method, the path and the framing),
         else None: a header in _NOT_PLAIN, an Origin under CORS, no Content-Length, or one
-        past PLAIN_EVENT_MAX_BYTES."""
+        past plain_event_max_bytes (PLAIN_EVENT_MAX_BYTES, or XRAY_MAX_BODY_BYTES if lower)."""
         length = None
         for name, value in headers:
             if name == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif name in _NOT_PLAIN or (self.cors and name == b"origin"):
                 return None
-        return length if length is not None and length <= PLAIN_EVENT_MAX_BYTES else None
+        return length if length is not None and length <= self.plain_event_max_bytes else None
 
     def accept_plain_event(
         self, state: Any, headers: list[tuple[bytes, bytes]], body: bytes
@@ -219,16 +227,13 @@ class IngestLane:
         the HTTP protocol: queues the event, records the request as serve() does, and returns
         the request id and the 202 document. Returns None, having queued and recorded nothing,
         when the request must go the ASGI way after all, which builds the answer: a key refused,
-        a body past XRAY_MAX_BODY_BYTES, an empty or invalid event, a closed or full queue.
-        `state` is the app's state."""
+        an empty or invalid event, a closed or full queue. `state` is the app's state."""
         started = time.perf_counter()
         buffer: Buffer = state.buffer
         settings: Settings = state.settings
         if self.keyring.refusal("POST", headers) is not None:
             return None
-        if len(body) > settings.max_body_bytes or not body.strip():
-            return None
-        if buffer.closed or not buffer.has_room(1, len(body)):
+        if buffer.closed or not buffer.has_room(1, len(body)) or not body.strip():
             return None
         try:
             row = decode_row(body, max_depth=settings.max_depth)
