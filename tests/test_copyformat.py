@@ -3,6 +3,8 @@ stores them."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -89,3 +91,23 @@ async def test_an_empty_batch_copies_nothing(pool: db.Pool) -> None:
     async with pool.acquire() as connection:
         status = await db.copy_rows(connection, "events", [])
     assert status == "COPY 0"
+
+
+async def test_other_tasks_run_between_the_chunks_of_a_flush() -> None:
+    rows = edge_rows()  # more than three chunks
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    seen: list[int] = []
+    async for _ in copyformat.copy_data(rows):
+        seen.append(turns)
+    counter.cancel()
+    assert len(seen) == 4
+    assert all(later > earlier for earlier, later in itertools.pairwise(seen))

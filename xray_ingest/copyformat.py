@@ -9,6 +9,7 @@ https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -113,8 +114,15 @@ def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> b
 
 async def copy_data(rows: Sequence[Row]) -> AsyncIterator[bytes]:
     """The COPY FROM STDIN (FORMAT binary) stream for rows, CHUNK_ROWS at a time: each chunk
-    is one CopyData message, and each message one more send (a small flush is a single one)."""
+    is one CopyData message, and each message one more send (a small flush is a single one).
+
+    After each chunk the event loop takes a turn: asyncpg asks for the next chunk without
+    waiting while the socket takes data, so a whole flush would otherwise be packed without a
+    single request being served meanwhile
+    (single events at 64 connections, alternating A/B: p99 14.5 -> 11.9 and 15.1 -> 12.8 ms,
+    medians of 6 rounds; committed events/s unchanged)."""
     starts = range(0, max(len(rows), 1), CHUNK_ROWS)
     for start in starts:
         chunk = rows[start : start + CHUNK_ROWS]
         yield pack_rows(chunk, first=start == 0, last=start == starts[-1])
+        await asyncio.sleep(0)
