@@ -213,6 +213,7 @@ class ServerProcess:
         module: what `python -m` runs, given `--port` (benchmarks.floor_app takes it too)."""
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self._final_output = ""
         self.process = subprocess.Popen(
             [sys.executable, "-m", *module, "--port", str(self.port)],
             env={**os.environ, "DATABASE_URL": dsn, **env},
@@ -279,6 +280,9 @@ class ServerProcess:
         return sum(peak_rss_mib(pid) for pid in process_tree(self.process.pid))
 
     def output(self) -> str:
+        """The server's log so far; once stopped, all of it (stop() keeps it)."""
+        if self.log.closed:
+            return self._final_output
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 
@@ -289,6 +293,7 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._final_output = self.output()
         self.log.close()
 
 

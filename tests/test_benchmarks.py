@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_visibility
-from benchmarks.common import SCRAPE_MAX_S, SCRAPE_MIN_S, execute, next_scrape_s
+from benchmarks.common import (
+    SCRAPE_MAX_S,
+    SCRAPE_MIN_S,
+    ServerProcess,
+    execute,
+    fresh_database,
+    next_scrape_s,
+)
 from tests.processes import PROJECT_DIR
 
 RESULTS = PROJECT_DIR / "benchmarks" / "results"
@@ -68,6 +75,19 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
         assert result["server_peak_rss_mib"] > 0
         assert result["server_cpu_us_per_event"] > 0
         assert result["load_generator_cpu_us_per_event"] > 0
+
+
+async def test_a_stopped_benchmark_server_still_gives_its_log(server_dsn: str) -> None:
+    # A benchmark that fails after its server stopped reports the server's log.
+    async with fresh_database(server_dsn) as dsn:
+        server = ServerProcess(dsn)
+        try:
+            await server.wait_ready()
+        finally:
+            server.stop()
+    log = server.output()
+    assert "xray-ingest ready" in log
+    assert "Finished server process" in log
 
 
 def test_dedupe_benchmark_runs(server_dsn: str) -> None:
