@@ -1,7 +1,7 @@
-"""Single-event POSTs answered in the HTTP protocol (protocol.HttpProtocol with
-routes.IngestLane.accept_plain_event): over a real socket to a real server, they must be answered
-as the app answers them, in order, counted and logged, and everything the protocol declines must
-get the app's own answer."""
+"""Ingest POSTs answered in the HTTP protocol (protocol.HttpProtocol with
+routes.IngestLane.accept_plain): over a real socket to a real server, they must be answered as the
+app answers them, in order, counted and logged, and everything the protocol declines must get the
+app's own answer."""
 
 from __future__ import annotations
 
@@ -59,11 +59,18 @@ class Connection:
         self.sock.close()
 
 
-def post(body: bytes, path: bytes = b"/v1/events", headers: bytes = b"") -> bytes:
+def post(
+    body: bytes,
+    path: bytes = b"/v1/events",
+    headers: bytes = b"",
+    content_type: bytes = b"application/json",
+) -> bytes:
     return (
         b"POST "
         + path
-        + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+        + content_type
+        + b"\r\n"
         + headers
         + b"Content-Length: %d\r\n\r\n" % len(body)
         + body
@@ -156,6 +163,74 @@ async def test_plain_posts_are_answered_as_the_app_answers_them(database_dsn: st
     assert "request_id=caller-id.1" in output
 
 
+async def test_plain_batches_are_answered_as_the_app_answers_them(database_dsn: str) -> None:
+    server = Server(base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="1"))
+    connection = Connection(server.port)
+    batch_path = b"/v1/events/batch"
+    try:
+        # Plain, then the same request the ASGI way (a query string takes it there).
+        plain, asgi = [samples.llm_call(), samples.decision()], [samples.custom()]
+        connection.send(post(dumps({"events": plain}), path=batch_path))
+        connection.send(post(dumps({"events": asgi}), path=batch_path + b"?source=test"))
+        (status, headers, body), (asgi_status, asgi_headers, asgi_body) = [
+            connection.response() for _ in range(2)
+        ]
+        assert (status, asgi_status) == (202, 202)
+        assert set(headers) == set(asgi_headers)
+        assert body == {
+            "accepted": 2,
+            "count": 2,
+            "ids": [e["span_id"] for e in plain],
+            "errors": [],
+            "message": "2 events accepted",
+        }
+        expected = {"accepted": 1, "count": 1, "message": "1 events accepted"}
+        assert asgi_body == {**body, **expected, "ids": [asgi[0]["span_id"]]}
+
+        # NDJSON, and per-item errors: both ways alike.
+        lines = [samples.custom(), samples.custom()]
+        connection.send(
+            post(
+                b"\n".join(dumps(e) for e in lines),
+                path=batch_path,
+                content_type=b"application/x-ndjson",
+            )
+        )
+        ndjson_answer = connection.response()
+        assert ndjson_answer[2]["ids"] == [e["span_id"] for e in lines], ndjson_answer
+        partial = [samples.custom(), {"event_type": "x"}]
+        connection.send(post(dumps(partial), path=batch_path))
+        connection.send(post(dumps([partial[0], partial[1]]), path=batch_path + b"?source=t"))
+        plain_partial, asgi_partial = connection.response(), connection.response()
+        assert plain_partial[0] == asgi_partial[0] == 207
+        assert plain_partial[2]["errors"] == asgi_partial[2]["errors"]
+        assert plain_partial[2]["errors"][0]["path"] == "$.trace_id"
+        connection.send(post(dumps([{"event_type": "x"}]), path=batch_path))
+        assert connection.response()[0] == 400
+
+        # Declined here, answered by the app: no batch, an empty one, too many events.
+        connection.send(post(b'{"events": "none"}', path=batch_path))
+        status, _, body = connection.response()
+        assert status == 400 and body["error"].startswith("invalid batch")
+        connection.send(post(b"[]", path=batch_path))
+        assert connection.response()[2]["error"] == "batch is empty"
+
+        stored = await stored_span_ids(database_dsn, 6)
+        assert stored == {e["span_id"] for e in plain + asgi + lines + partial[:1]}
+
+        metrics = request_text(server.port, "/metrics")
+        line = (
+            r'xray_http_requests_total\{method="POST",route="/v1/events/batch",status="(\d+)"\} '
+            r"(\S+)"
+        )
+        counts = {status: float(value) for status, value in re.findall(line, metrics)}
+        assert counts == {"202": 3.0, "207": 2.0, "400": 3.0}
+    finally:
+        connection.close()
+        output = server.stop()
+    assert "POST /v1/events/batch 207" in output
+
+
 async def test_plain_posts_get_the_apps_refusals(database_dsn: str) -> None:
     # Auth required and no key: 401 from the app, with its header.
     server = Server(base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="1", XRAY_AUTH="required"))
@@ -184,6 +259,9 @@ async def test_plain_posts_get_the_apps_refusals(database_dsn: str) -> None:
         assert connection.response()[0] == 202
         refused = samples.custom()
         connection.send(post(dumps(refused)))
+        status, headers, _ = connection.response()
+        assert status == 503 and "retry-after" in headers
+        connection.send(post(dumps([refused]), path=b"/v1/events/batch"))
         status, headers, _ = connection.response()
         assert status == 503 and "retry-after" in headers
     finally:

@@ -253,6 +253,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
             )
             app.state.pool = pool
             app.state.buffer = buffer
+            ingest_lane.buffer = buffer
             if settings.metrics_dir is not None:
                 metrics.forget_dead_workers(settings.metrics_dir)
             await _load_keys(keyring, pool)
@@ -296,14 +297,9 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
         Route("/v1/analytics/funnel-stats", analytics.funnel_stats, methods=["GET"]),
         Route("/v1/analytics/metadata-values", analytics.metadata_values, methods=["GET"]),
     ]
+    ingest_lane = routes.IngestLane(app_routes, keyring, observer, settings)
     app = XrayApp(
-        routes.IngestLane(
-            app_routes,
-            keyring,
-            observer,
-            cors=bool(settings.cors_origins),
-            max_body_bytes=settings.max_body_bytes,
-        ),
+        ingest_lane,
         routes=app_routes,
         exception_handlers={
             QueueFullError: _unavailable,

@@ -8,19 +8,23 @@ iteration are held and sent together at its end.
 
 For each request uvicorn builds a RequestResponseCycle and starts an ASGI task, which the app then
 answers through its receive and send messages: for an SDK's single-event POST that machinery cost
-more than decoding and queueing the event. So a plain one (`POST /v1/events` over HTTP/1.1
-keep-alive, no query, no compression, no `Prefer`; routes.IngestLane.plain_event_length has the
-rest) is read here and handed to routes.IngestLane.accept_plain_event, which queues it; its 202 is
-written here. Whatever that declines (a key refused, an invalid event, a full queue) is replayed
-into uvicorn's own cycle with the body already read, so the app answers it as it answers
+more than decoding and queueing the event, and a batch's body went to the app in pieces, each
+copied twice, with reading paused after every 64 KB until the app took it. So a plain ingest POST
+(`POST /v1/events` or `/v1/events/batch` over HTTP/1.1 keep-alive, no query, no compression, no
+`Prefer`; routes.IngestLane.plain_length has the rest) is read here and handed to
+routes.IngestLane.accept_plain, which queues its events; the answer is written here. Whatever that
+declines (a key refused, an invalid single event, a body that is no batch, a full queue) is
+replayed into uvicorn's own cycle with the body already read, so the app answers it as it answers
 everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import http
 import logging
-from typing import Any, Final
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -28,7 +32,10 @@ from xray_ingest import routes
 
 logger = logging.getLogger(__name__)
 
-_SINGLE_EVENT_URL: Final = routes.SINGLE_EVENT_PATH.encode()
+
+@functools.cache
+def _status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())
 
 
 class JoinedWrites:
@@ -66,9 +73,9 @@ class JoinedWrites:
 class HttpProtocol(HttpToolsProtocol):
     """Passed to uvicorn as its `http` protocol class."""
 
-    # The body so far of the plain single-event POST being read, or None for any other request
+    # The body so far of the plain ingest POST being read, or None for any other request
     # (uvicorn's cycle has it).
-    _plain_body: bytearray | None = None
+    _plain_body: list[bytes] | None = None
     # uvicorn asked this connection to close while a plain POST was being read.
     _close_after_plain = False
 
@@ -76,12 +83,11 @@ class HttpProtocol(HttpToolsProtocol):
         joined = JoinedWrites(transport, asyncio.get_running_loop())
         super().connection_made(joined)  # type: ignore[arg-type]
 
-    def _is_plain_event(self) -> bool:
-        """Whether this request is a plain single-event POST, answered here."""
+    def _is_plain(self) -> bool:
+        """Whether this request is a plain ingest POST, answered here."""
         lane: routes.IngestLane | None = getattr(self.app, "lane", None)
         if (
             lane is None
-            or self.url != _SINGLE_EVENT_URL
             or self.root_path
             or self.limit_concurrency is not None
             or self.parser.get_method() != b"POST"
@@ -95,14 +101,14 @@ class HttpProtocol(HttpToolsProtocol):
             or self.flow.write_paused
         ):
             return False
-        return lane.plain_event_length(self.headers) is not None
+        return lane.plain_length(self.url, self.headers) is not None
 
     def on_headers_complete(self) -> None:
         # A plain POST's answer, earlier in the same read, armed the idle timer: this request
         # is not idleness (uvicorn itself disarms it only as each read begins).
         self._unset_keepalive_if_required()
-        if self._is_plain_event():
-            self._plain_body = bytearray()
+        if self._is_plain():
+            self._plain_body = []
         else:
             super().on_headers_complete()
 
@@ -110,24 +116,25 @@ class HttpProtocol(HttpToolsProtocol):
         if self._plain_body is None:
             super().on_body(body)
         else:
-            self._plain_body += body
+            self._plain_body.append(body)
 
     def on_message_complete(self) -> None:
         if self._plain_body is None:
             super().on_message_complete()
             return
-        body, self._plain_body = bytes(self._plain_body), None
+        parts, self._plain_body = self._plain_body, None
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
-            answer = self.app.lane.accept_plain_event(self.app.state, self.headers, body)
+            answer = self.app.lane.accept_plain(self.url, self.headers, body)
         except Exception:
             # The app's own path answers it (a 500 naming the request id, if it fails there too).
-            logger.exception("answering a single-event POST in the protocol failed")
+            logger.exception("answering an ingest POST in the protocol failed")
             answer = None
         if answer is None:
             self._replay(body)
             return
-        request_id, document = answer
-        head = [b"HTTP/1.1 202 Accepted\r\n"]
+        request_id, status, document = answer
+        head = [_status_line(status)]
         for name, value in self.server_state.default_headers:  # the date
             head += (name, b": ", value, b"\r\n")
         head.append(

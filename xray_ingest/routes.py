@@ -21,7 +21,7 @@ from xray_ingest.auth import OPEN_WARNING, KeyRing
 from xray_ingest.bodies import is_uncompressed, read_body
 from xray_ingest.buffer import Buffer, Refusals
 from xray_ingest.config import Settings
-from xray_ingest.errors import BadRequestError, CommitTimeoutError
+from xray_ingest.errors import BadRequestError, BatchTooLargeError, CommitTimeoutError
 from xray_ingest.models import (
     ENCODER,
     BatchAccepted,
@@ -167,13 +167,19 @@ async def _send_response(
 # An ingest route and its endpoint.
 Lane: TypeAlias = tuple[Route, IngestEndpoint]
 
-# The single-event route, and the largest body of it that the HTTP protocol may answer itself
-# (IngestLane.accept_plain_event): an SDK's event is about 1 KB; a larger one goes the ASGI way.
+# The ingest routes, and the largest single-event body that the HTTP protocol may answer itself
+# (IngestLane.accept_plain): an SDK's event is about 1 KB; a larger one goes the ASGI way.
 SINGLE_EVENT_PATH: Final = "/v1/events"
+BATCH_PATH: Final = "/v1/events/batch"
+SINGLE_EVENT_PATH_BYTES: Final = SINGLE_EVENT_PATH.encode()
+BATCH_PATH_BYTES: Final = BATCH_PATH.encode()
 PLAIN_EVENT_MAX_BYTES: Final = 65_536
-# Headers that make a single-event POST go the ASGI way: a compressed or chunked body, a durable
+# Headers that make an ingest POST go the ASGI way: a compressed or chunked body, a durable
 # request (Prefer: wait), a client waiting for 100 Continue.
 _NOT_PLAIN: Final = frozenset({b"content-encoding", b"transfer-encoding", b"prefer", b"expect"})
+
+# What the lane answers a plain POST with: the request id, the status and the JSON document.
+PlainAnswer: TypeAlias = tuple[bytes, int, bytes]
 
 
 class IngestLane:
@@ -183,15 +189,17 @@ class IngestLane:
     (AuthMiddleware), the app's error responses (its exception middlewares); without the
     router, the layers and their send wrappers. Every other request goes the usual way, and so
     do ingest POSTs under a root path, and those from a browser when CORS is on (they carry an
-    Origin header, which CORSMiddleware answers)."""
+    Origin header, which CORSMiddleware answers).
+
+    Plain ingest POSTs (see plain_length) skip even the ASGI cycle: the HTTP protocol
+    (protocol.HttpProtocol) reads their body and hands it to accept_plain."""
 
     def __init__(
         self,
         routes: Iterable[BaseRoute],
         keyring: KeyRing,
         observer: Observer,
-        cors: bool,
-        max_body_bytes: int,
+        settings: Settings,
     ) -> None:
         self.lanes: dict[str, Lane] = {
             route.path: (route, route.endpoint)
@@ -202,50 +210,67 @@ class IngestLane:
         }
         self.keyring = keyring
         self.observer = observer
-        self.cors = cors
-        # The largest body the HTTP protocol may answer itself: a larger one goes the ASGI way,
-        # which answers 413 past XRAY_MAX_BODY_BYTES.
-        self.plain_event_max_bytes = min(PLAIN_EVENT_MAX_BYTES, max_body_bytes)
+        self.settings = settings
+        self.cors = bool(settings.cors_origins)
+        # The worker's queue, once the lifespan has made it; the lane declines until then.
+        self.buffer: Buffer | None = None
+        # The largest body of each ingest path that the HTTP protocol may read itself; a
+        # larger one goes the ASGI way, which answers 413 past XRAY_MAX_BODY_BYTES.
+        self.plain_max_bytes: dict[bytes, int] = {
+            SINGLE_EVENT_PATH_BYTES: min(PLAIN_EVENT_MAX_BYTES, settings.max_body_bytes),
+            BATCH_PATH_BYTES: settings.max_body_bytes,
+        }
 
-    def plain_event_length(self, headers: list[tuple[bytes, bytes]]) -> int | None:
-        """The declared length of a single-event POST's body when the HTTP protocol may answer it
-        itself (protocol.HttpProtocol, which has checked the method, the path and the framing),
-        else None: a header in _NOT_PLAIN, an Origin under CORS, no Content-Length, or one
-        past plain_event_max_bytes (PLAIN_EVENT_MAX_BYTES, or XRAY_MAX_BODY_BYTES if lower)."""
+    def plain_length(self, path: bytes, headers: list[tuple[bytes, bytes]]) -> int | None:
+        """The declared length of an ingest POST's body to `path` when the HTTP protocol may
+        read and answer it itself (protocol.HttpProtocol has checked the method, the query and
+        the framing), else None: another path, a header in _NOT_PLAIN, an Origin under CORS, no
+        Content-Length or one past plain_max_bytes (PLAIN_EVENT_MAX_BYTES for a single event,
+        XRAY_MAX_BODY_BYTES), or a queue that could not take such a body (the ASGI way answers
+        503 then, without reading it)."""
+        limit = self.plain_max_bytes.get(path)
+        buffer = self.buffer
+        if limit is None or buffer is None:
+            return None
         length = None
         for name, value in headers:
             if name == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif name in _NOT_PLAIN or (self.cors and name == b"origin"):
                 return None
-        return length if length is not None and length <= self.plain_event_max_bytes else None
+        if length is None or length > limit or buffer.closed or not buffer.has_room(1, length):
+            return None
+        return length
 
-    def accept_plain_event(
-        self, state: Any, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[bytes, bytes] | None:
-        """Takes a plain single-event POST (see plain_event_length) without an ASGI cycle, for
-        the HTTP protocol: queues the event, records the request as serve() does, and returns
-        the request id and the 202 document. Returns None, having queued and recorded nothing,
-        when the request must go the ASGI way after all, which builds the answer: a key refused,
-        an empty or invalid event, a closed or full queue. `state` is the app's state."""
+    def accept_plain(
+        self, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> PlainAnswer | None:
+        """Answers a plain ingest POST (see plain_length) without an ASGI cycle, for the HTTP
+        protocol: queues its events and records the request as serve() does. Returns None,
+        having queued and recorded nothing, when the request must go the ASGI way after all,
+        which builds the answer: a key refused, an empty body, an invalid single event or a
+        body that is no batch, a closed or full queue."""
         started = time.perf_counter()
-        buffer: Buffer = state.buffer
-        settings: Settings = state.settings
-        if self.keyring.refusal("POST", headers) is not None:
+        buffer = self.buffer
+        settings = self.settings
+        if buffer is None or self.keyring.refusal("POST", headers) is not None:
             return None
         if buffer.closed or not buffer.has_room(1, len(body)) or not body.strip():
             return None
-        try:
-            row = decode_row(body, max_depth=settings.max_depth)
-        except InvalidEvent:
+        if path == BATCH_PATH_BYTES:
+            answer = _plain_batch(body, headers, buffer, settings)
+            route_path = BATCH_PATH
+        else:
+            answer = _plain_event(body, buffer, settings)
+            route_path = SINGLE_EVENT_PATH
+        if answer is None:
             return None
-        buffer.put([row], len(body))  # room was checked above, in this same loop iteration
-        document = ENCODER.encode(EventAccepted(id=row[3], trace_id=row[2]))
-        route, _ = self.lanes[SINGLE_EVENT_PATH]
+        status, document = answer
+        route, _ = self.lanes[route_path]
         scope = {"type": "http", "method": "POST", "headers": headers, "route": route}
         request_id = assign_request_id(scope)
-        self.observer.record(scope, 202, time.perf_counter() - started)
-        return request_id, document
+        self.observer.record(scope, status, time.perf_counter() - started)
+        return request_id, status, ENCODER.encode(document)
 
     def lane_for(self, scope: Scope) -> Lane | None:
         """The ingest route and endpoint this request takes the lane to, or None."""
@@ -284,9 +309,11 @@ class IngestLane:
 def _header(scope: Scope, name: bytes) -> str | None:
     """A request header (name in lower case) read straight from the scope: on the ingest path
     Starlette's Headers mapping costs more, mostly in the KeyError of each absent header."""
-    key: bytes
-    value: bytes
-    for key, value in scope["headers"]:
+    return _header_in(scope["headers"], name)
+
+
+def _header_in(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -372,11 +399,9 @@ async def _ingest_batch(
 ) -> tuple[int, Struct]:
     """POST /v1/events/batch: {"events": [...]}, a bare JSON array, or NDJSON lines."""
     body = await _read_ingest_body(scope, receive, buffer, settings.max_body_bytes)
-    content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+    ndjson = _is_ndjson(_header(scope, b"content-type") or "")
     try:
-        batch = decode_batch(
-            body, content_type in NDJSON_TYPES, settings.max_batch_events, settings.max_depth
-        )
+        batch = decode_batch(body, ndjson, settings.max_batch_events, settings.max_depth)
     except InvalidEvent as exc:
         message = (
             f'invalid batch: {exc.message} at {exc.path}; send {{"events": [...]}}, '
@@ -392,6 +417,16 @@ async def _ingest_batch(
     )
     if refused:
         _mark_refused(batch, refused)
+    return _batch_outcome(batch, refused)
+
+
+def _is_ndjson(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() in NDJSON_TYPES
+
+
+def _batch_outcome(batch: DecodedBatch, refused: Refusals | None) -> tuple[int, Struct]:
+    """The answer to a decoded batch whose events were queued (refused None: fast mode) or
+    committed (refused: the rows the database refused, already marked in batch)."""
     accepted = len(batch.ids) - len(batch.errors)
     verb = "accepted" if refused is None else "committed"
     if not batch.errors:
@@ -401,6 +436,35 @@ async def _ingest_batch(
     else:
         status, message = 400, f"all {len(batch.errors)} events rejected"
     return status, BatchAccepted(accepted, accepted, batch.ids, batch.errors, message)
+
+
+def _plain_event(body: bytes, buffer: Buffer, settings: Settings) -> tuple[int, Struct] | None:
+    """A plain single-event POST queued (202), or None for an invalid event or a full queue."""
+    try:
+        row = decode_row(body, max_depth=settings.max_depth)
+    except InvalidEvent:
+        return None
+    buffer.put([row], len(body))  # room was checked by the caller, in this loop iteration
+    return 202, EventAccepted(id=row[3], trace_id=row[2])
+
+
+def _plain_batch(
+    body: bytes, headers: list[tuple[bytes, bytes]], buffer: Buffer, settings: Settings
+) -> tuple[int, Struct] | None:
+    """A plain batch POST queued (202, or 207 and 400 with per-item errors), or None for a body
+    that is no batch, an empty or too large one, or a queue without room for its events."""
+    ndjson = _is_ndjson(_header_in(headers, b"content-type") or "")
+    try:
+        batch = decode_batch(body, ndjson, settings.max_batch_events, settings.max_depth)
+    except (InvalidEvent, BatchTooLargeError):
+        return None
+    if not batch.ids or not buffer.has_room(len(batch.rows), batch.size):
+        return None
+    if batch.errors:
+        metrics.EVENTS_REJECTED.inc(len(batch.errors))
+    if batch.rows:
+        buffer.put(batch.rows, batch.size)
+    return _batch_outcome(batch, None)
 
 
 ingest_event: Final = IngestEndpoint(_ingest_event)
