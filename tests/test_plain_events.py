@@ -77,6 +77,14 @@ def post(
     )
 
 
+def posts_counted(port: int, route: str) -> dict[str, float]:
+    """The server's count of POSTs to route, by status, from its /metrics."""
+    labels = rf'method="POST",route="{re.escape(route)}",status="(\d+)"'
+    line = rf"xray_http_requests_total\{{{labels}\}} (\S+)"
+    found = re.findall(line, request_text(port, "/metrics"))
+    return {status: float(value) for status, value in found}
+
+
 async def stored_span_ids(dsn: str, expected: int) -> set[str]:
     """The span_ids in events once at least `expected` rows are there (10 s at most)."""
     connection = await asyncpg.connect(dsn)
@@ -151,10 +159,7 @@ async def test_plain_posts_are_answered_as_the_app_answers_them(database_dsn: st
         assert stored == {e["span_id"] for e in accepted}
 
         # Counted as the app counts them: seven 202/201 and two 400 on the route.
-        metrics = request_text(server.port, "/metrics")
-        line = r'xray_http_requests_total\{method="POST",route="/v1/events",status="(\d+)"\} (\S+)'
-        counts = {status: float(value) for status, value in re.findall(line, metrics)}
-        assert counts == {"202": 6.0, "201": 1.0, "400": 2.0}
+        assert posts_counted(server.port, "/v1/events") == {"202": 6.0, "201": 1.0, "400": 2.0}
     finally:
         connection.close()
         output = server.stop()
@@ -218,13 +223,8 @@ async def test_plain_batches_are_answered_as_the_app_answers_them(database_dsn: 
         stored = await stored_span_ids(database_dsn, 6)
         assert stored == {e["span_id"] for e in plain + asgi + lines + partial[:1]}
 
-        metrics = request_text(server.port, "/metrics")
-        line = (
-            r'xray_http_requests_total\{method="POST",route="/v1/events/batch",status="(\d+)"\} '
-            r"(\S+)"
-        )
-        counts = {status: float(value) for status, value in re.findall(line, metrics)}
-        assert counts == {"202": 3.0, "207": 2.0, "400": 3.0}
+        counted = posts_counted(server.port, "/v1/events/batch")
+        assert counted == {"202": 3.0, "207": 2.0, "400": 3.0}
     finally:
         connection.close()
         output = server.stop()
