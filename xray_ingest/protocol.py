@@ -1,5 +1,5 @@
 """uvicorn's httptools HTTP protocol, sending each response in one write instead of two, and
-answering plain single-event POSTs itself.
+answering plain ingest POSTs (single events and batches) itself.
 
 uvicorn writes the status line and headers when the app sends http.response.start, and the body
 when it sends http.response.body: two send() calls, two TCP segments and two wake-ups of the
