@@ -11,7 +11,7 @@ import pytest
 from tests import samples
 from tests.samples import dumps
 from xray_ingest.errors import BatchTooLargeError
-from xray_ingest.models import InvalidEvent, decode_batch, decode_row
+from xray_ingest.models import KNOWN_EVENTS, InvalidEvent, decode_batch, decode_row
 
 
 def invalid(event: object) -> InvalidEvent:
@@ -243,3 +243,10 @@ def test_many_flat_brackets_are_not_mistaken_for_depth() -> None:
 def test_text_that_looks_like_a_huge_number_is_just_text() -> None:
     body = dumps(samples.custom(data={"s": "1e1000000"}))
     assert bytes(decode_row(body)[8]) == body
+
+
+def test_each_known_event_type_is_its_structs_tag() -> None:
+    for kind in KNOWN_EVENTS:
+        assert kind.event_type == kind.__struct_config__.tag
+        event = samples.custom(event_type=kind.event_type)
+        assert decode_row(dumps(event))[1] == kind.event_type
