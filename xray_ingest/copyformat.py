@@ -3,7 +3,8 @@
 asyncpg's copy_records_to_table encodes each value through its codec (a UUID through its
 Python-level `.bytes`, a timestamp through astimezone and a subtraction, ...); packing a row's
 fixed-width fields with one struct call, and its event_type and service from a cache, costs
-the flusher about a third of that. The format:
+the flusher about a third of that. Packing also notes each trace's span for the traces upsert,
+from the integers it computes anyway. The format:
 https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import struct
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 from msgspec import Raw
 
@@ -59,6 +61,11 @@ _WITH_PARENT: Final = struct.Struct(">i16si16si16si16siqiiB")
 _WITH_DURATION: Final = struct.Struct(">i16si16si16siiqiiiB")
 _BARE: Final = struct.Struct(">i16si16si16siiqiiB")
 
+# Each trace's [trace_id, earliest timestamp, latest timestamp + duration] in the rows packed,
+# the times in microseconds since _PG_EPOCH, keyed by the trace_id's 16 bytes (which sort as
+# the UUIDs do).
+TraceSpans: TypeAlias = dict[bytes, list[Any]]
+
 
 @functools.lru_cache(maxsize=4096)
 def _row_start(event_type: str, service: str | None) -> bytes:
@@ -71,9 +78,11 @@ def _row_start(event_type: str, service: str | None) -> bytes:
     return packed + _LENGTH.pack(len(text)) + text
 
 
-def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> bytes:
+def pack_rows(
+    rows: Sequence[Row], first: bool = False, last: bool = False, spans: TraceSpans | None = None
+) -> bytes:
     """The rows as COPY binary tuples in COLUMNS order, after the stream's header if first and
-    before its trailer if last."""
+    before its trailer if last; each row's trace span goes into `spans` when given."""
     parts: list[bytes | Raw] = [HEADER] if first else []
     add = parts.append
     for id_, event_type, trace_id, span_id, parent_span_id, service, start, duration, data in rows:
@@ -83,6 +92,16 @@ def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> b
         span_bytes = id_bytes if span_id is id_ else span_id.int.to_bytes(16)
         trace_bytes = trace_id.int.to_bytes(16)
         microseconds = (start - _PG_EPOCH) // _MICROSECOND
+        if spans is not None:
+            end = microseconds + duration * 1000 if duration else microseconds
+            span = spans.get(trace_bytes)
+            if span is None:
+                spans[trace_bytes] = [trace_id, microseconds, end]
+            else:
+                if microseconds < span[1]:
+                    span[1] = microseconds
+                if end > span[2]:
+                    span[2] = end
         data_length = len(data) + 1
         if parent_span_id is None:
             if duration is None:
@@ -112,9 +131,21 @@ def pack_rows(rows: Sequence[Row], first: bool = False, last: bool = False) -> b
     return b"".join(parts)
 
 
-async def copy_data(rows: Sequence[Row]) -> AsyncIterator[bytes]:
+def span_columns(spans: TraceSpans) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
+    """The trace spans as the traces upsert takes them: trace_ids in order, start and end
+    times. Raises OverflowError for a span that leaves datetime's range."""
+    ordered = [spans[key] for key in sorted(spans)]
+    return (
+        [trace_id for trace_id, _, _ in ordered],
+        [_PG_EPOCH + start * _MICROSECOND for _, start, _ in ordered],
+        [_PG_EPOCH + end * _MICROSECOND for _, _, end in ordered],
+    )
+
+
+async def copy_data(rows: Sequence[Row], spans: TraceSpans | None = None) -> AsyncIterator[bytes]:
     """The COPY FROM STDIN (FORMAT binary) stream for rows, CHUNK_ROWS at a time: each chunk
     is one CopyData message, and each message one more send (a small flush is a single one).
+    Each row's trace span goes into `spans` when given (complete once the stream is).
 
     After each chunk the event loop takes a turn: asyncpg asks for the next chunk without
     waiting while the socket takes data, so a whole flush would otherwise be packed without a
@@ -124,5 +155,5 @@ async def copy_data(rows: Sequence[Row]) -> AsyncIterator[bytes]:
     starts = range(0, max(len(rows), 1), CHUNK_ROWS)
     for start in starts:
         chunk = rows[start : start + CHUNK_ROWS]
-        yield pack_rows(chunk, first=start == 0, last=start == starts[-1])
+        yield pack_rows(chunk, first=start == 0, last=start == starts[-1], spans=spans)
         await asyncio.sleep(0)

@@ -6,7 +6,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, TypeAlias
 
@@ -128,58 +128,40 @@ def _is_rejection(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _REJECTION_CLASSES
 
 
-def _trace_spans(
+async def copy_rows(
+    connection: Connection,
+    table: str,
     rows: Sequence[Row],
-) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
-    """Each trace's earliest timestamp and latest timestamp + duration in rows, by trace_id.
-
-    Keyed by the UUID's int: UUID hashes and compares in Python code, an int in C (half the
-    time of this function), and ints sort as their UUIDs do."""
-    spans: dict[int, tuple[uuid.UUID, list[datetime]]] = {}
-    millisecond = timedelta(milliseconds=1)
-    for _, _, trace_id, _, _, _, start, duration, _ in rows:
-        end = start + duration * millisecond if duration else start
-        known = spans.get(trace_id.int)
-        if known is None:
-            spans[trace_id.int] = (trace_id, [start, end])
-            continue
-        span = known[1]
-        if start < span[0]:
-            span[0] = start
-        if end > span[1]:
-            span[1] = end
-    ordered = [spans[key] for key in sorted(spans)]
-    return (
-        [trace_id for trace_id, _ in ordered],
-        [span[0] for _, span in ordered],
-        [span[1] for _, span in ordered],
-    )
-
-
-async def copy_rows(connection: Connection, table: str, rows: Sequence[Row]) -> str:
-    """COPYs rows into table (events or a table like it) as copyformat packs them; returns the
-    command status ("COPY n"). No transaction of its own, and no traces upsert."""
+    spans: copyformat.TraceSpans | None = None,
+) -> str:
+    """COPYs rows into table (events or a table like it) as copyformat packs them, noting their
+    trace spans in `spans` when given; returns the command status ("COPY n"). No transaction of
+    its own, and no traces upsert."""
+    source = copyformat.copy_data(rows, spans)
     status: str = await connection.copy_to_table(
-        table, source=copyformat.copy_data(rows), columns=copyformat.COLUMNS, format="binary"
+        table, source=source, columns=copyformat.COLUMNS, format="binary"
     )
     return status
 
 
-async def _copy_skipping_stored(connection: Connection, rows: Sequence[Row]) -> int:
+async def _copy_skipping_stored(
+    connection: Connection, rows: Sequence[Row], spans: copyformat.TraceSpans
+) -> int:
     await connection.execute(QUERIES["create_events_staging"])
-    await copy_rows(connection, "events_staging", rows)
+    await copy_rows(connection, "events_staging", rows, spans)
     status = await connection.execute(QUERIES["insert_staged_events"])
     return int(status.rsplit(" ", 1)[-1])
 
 
 async def _store(connection: Connection, rows: Sequence[Row], skip_stored: bool) -> int:
+    spans: copyformat.TraceSpans = {}
     async with connection.transaction():
         if skip_stored:
-            stored = await _copy_skipping_stored(connection, rows)
+            stored = await _copy_skipping_stored(connection, rows, spans)
         else:
-            await copy_rows(connection, "events", rows)
+            await copy_rows(connection, "events", rows, spans)
             stored = len(rows)
-        await connection.execute(QUERIES["upsert_traces"], *_trace_spans(rows))
+        await connection.execute(QUERIES["upsert_traces"], *copyformat.span_columns(spans))
     return stored
 
 
