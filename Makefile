@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install migrate run test bench bench-queries bench-smoke lint fmt clean
+.PHONY: help install migrate run test bench bench-queries bench-instructions bench-smoke lint fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: $(INSTALLED)  ## ingest vs. the raw COPY ceiling; dedup cost; time until 
 
 bench-queries: $(INSTALLED)  ## query latencies on 2M seeded events; what each index costs ingest
 	$(BIN)/python -m benchmarks.bench_queries $(BENCH_ARGS)
+
+bench-instructions: $(INSTALLED)  ## the server's instructions per event under callgrind (BENCH_ARGS: --against REF)
+	$(BIN)/python -m benchmarks.bench_instructions $(BENCH_ARGS)
 
 bench-smoke: $(INSTALLED)  ## a few seconds of the ingest benchmark
 	$(BIN)/python -m benchmarks.bench_ingest --smoke

@@ -207,15 +207,17 @@ class ServerProcess:
         dsn: str,
         cwd: Path = PROJECT_DIR,
         module: Sequence[str] = ("xray_ingest", "serve"),
+        wrapper: Sequence[str] = (),
         **env: str,
     ) -> None:
         """cwd: the checkout whose xray_ingest runs (`python -m` imports from there first);
-        module: what `python -m` runs, given `--port` (benchmarks.floor_app takes it too)."""
+        module: what `python -m` runs, given `--port` (benchmarks.floor_app takes it too);
+        wrapper: a command that runs the server's (valgrind, say)."""
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self._final_output = ""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", *module, "--port", str(self.port)],
+            [*wrapper, sys.executable, "-m", *module, "--port", str(self.port)],
             env={**os.environ, "DATABASE_URL": dsn, **env},
             cwd=cwd,
             stdout=self.log,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -75,6 +76,26 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
         assert result["server_peak_rss_mib"] > 0
         assert result["server_cpu_us_per_event"] > 0
         assert result["load_generator_cpu_us_per_event"] > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instructions_benchmark_counts_the_server_of_each_checkout(server_dsn: str) -> None:
+    output = run_benchmark(
+        server_dsn,
+        "benchmarks.bench_instructions",
+        *("--batch", "10", "--events", "200", "--connections", "2", "--against", "HEAD"),
+    )
+    before, now = (json.loads(line) for line in output.splitlines())
+    assert (before["checkout"], now["checkout"]) == ("HEAD", "this checkout")
+    for result in (before, now):
+        assert result["events"] == 200
+        # A batch event costs the server tens of thousands of instructions, not a handful.
+        assert 10_000 < result["instructions_per_event"] < 10_000_000
+    assert now["ratio_to_first"] == round(
+        now["instructions_per_event"] / before["instructions_per_event"], 4
+    )
+    saved = json.loads((RESULTS / "instructions.json").read_text())
+    assert saved == [before, now]
 
 
 async def test_a_stopped_benchmark_server_still_gives_its_log(server_dsn: str) -> None:
