@@ -395,8 +395,9 @@ def _decode_other(raw: bytes | Raw, exc: msgspec.ValidationError) -> CustomEvent
     field unless it is the tag; raises InvalidEvent naming the bad field."""
     # Not one of the known tags (or no usable tag): decoding as a custom event also gives the
     # precise error for a missing, mistyped or over-long event_type.
-    if _split_error(exc)[0] != _TAG_PATH:
-        raise InvalidEvent(*_split_error(exc)) from None
+    path, message = _split_error(exc)
+    if path != _TAG_PATH:
+        raise InvalidEvent(path, message) from None
     try:
         return _CUSTOM_DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError) as error:
