@@ -34,6 +34,7 @@ from benchmarks.common import (
     postgres_server,
     realistic_events,
     run_async,
+    wait_stored,
 )
 from xray_ingest import db
 from xray_ingest.models import Row, decode_row
@@ -265,8 +266,7 @@ async def drive(
         # table, seconds at millions of stored rows.
         expected = stored_before + len(encoded)
         if not await server.wait_committed(len(encoded)):
-            while await count_events(dsn) < expected:
-                await asyncio.sleep(0.02)
+            await wait_stored(dsn, expected)
         committed = time.perf_counter() - posted.started
         server_cpu, load_cpu, other_cpu = cpu_us_per_item(server, posted, len(encoded))
         if (stored := await count_events(dsn)) != expected:

@@ -17,7 +17,6 @@ JSON line per checkout and writes benchmarks/results/instructions.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import re
@@ -29,26 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_ingest import post_all, request_bodies
-from benchmarks.bench_overhead import checkout, database_migrated_by
 from benchmarks.common import (
     PROJECT_DIR,
     RESULTS_DIR,
     ServerProcess,
-    count_events,
+    checkout,
+    database_migrated_by,
     dumps,
     postgres_server,
     realistic_events,
     run_async,
+    wait_stored,
 )
 
 # Under callgrind the server starts and runs about 50 times slower than natively.
 READY_TIMEOUT_S = 600
 _SUMMARY = re.compile(rb"^summary: (\d+)$", re.MULTILINE)
-
-
-async def wait_stored(dsn: str, events: int) -> None:
-    while await count_events(dsn) < events:
-        await asyncio.sleep(0.2)
 
 
 def callgrind_control(option: str, server: ServerProcess) -> None:

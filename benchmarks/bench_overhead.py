@@ -11,76 +11,29 @@ benchmarks/results/overhead.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 from benchmarks.bench_ingest import drive
 from benchmarks.common import (
-    PROJECT_DIR,
     RESULTS_DIR,
     ServerProcess,
+    checkout,
+    database_migrated_by,
     dumps,
     fresh_database,
     postgres_server,
     realistic_events,
     run_async,
-    with_database,
 )
 
 # The last commit before metrics, API keys and access logs were added.
 BEFORE_OBSERVABILITY = "94e96c5"
 SCENARIOS = [(1, 64), (10, 16), (100, 8)]  # (batch size, connections)
-
-
-@contextlib.contextmanager
-def checkout(ref: str) -> Iterator[Path]:
-    """A throwaway git worktree of ref."""
-    with tempfile.TemporaryDirectory(prefix="xray-before-") as folder:
-        path = Path(folder) / "tree"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", "--quiet", str(path), ref],
-            cwd=PROJECT_DIR,
-            check=True,
-        )
-        try:
-            yield path
-        finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(path)], cwd=PROJECT_DIR, check=False
-            )
-
-
-@contextlib.asynccontextmanager
-async def database_migrated_by(server_dsn: str, tree: Path) -> Any:
-    """A new database migrated by the code in tree (its schema may be older than ours)."""
-    name = f"xray_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        dsn = with_database(server_dsn, name)
-        subprocess.run(
-            [sys.executable, "-m", "xray_ingest", "migrate"],
-            cwd=tree,
-            env={**os.environ, "DATABASE_URL": dsn},
-            check=True,
-            capture_output=True,
-        )
-        yield dsn
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def run(events: int, rounds: int, before: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -61,6 +61,45 @@ async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
         await admin.execute(f"CREATE DATABASE {name}")
         dsn = with_database(server_dsn, name)
         await migrate(dsn)
+        yield dsn
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A throwaway git worktree of ref."""
+    with tempfile.TemporaryDirectory(prefix="xray-before-") as folder:
+        path = Path(folder) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--quiet", str(path), ref],
+            cwd=PROJECT_DIR,
+            check=True,
+        )
+        try:
+            yield path
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(path)], cwd=PROJECT_DIR, check=False
+            )
+
+
+@contextlib.asynccontextmanager
+async def database_migrated_by(server_dsn: str, tree: Path) -> AsyncIterator[str]:
+    """A new database migrated by the code in tree (its schema may be older than ours)."""
+    name = f"xray_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        dsn = with_database(server_dsn, name)
+        subprocess.run(
+            [sys.executable, "-m", "xray_ingest", "migrate"],
+            cwd=tree,
+            env={**os.environ, "DATABASE_URL": dsn},
+            check=True,
+            capture_output=True,
+        )
         yield dsn
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -365,6 +404,12 @@ async def execute(dsn: str, *statements: str) -> None:
             await connection.execute(statement)
     finally:
         await connection.close()
+
+
+async def wait_stored(dsn: str, events: int) -> None:
+    """Waits until the events table holds `events` rows."""
+    while await count_events(dsn) < events:
+        await asyncio.sleep(0.02)
 
 
 async def count_events(dsn: str) -> int:
