@@ -35,7 +35,7 @@ bench: $(INSTALLED)  ## ingest vs. the raw COPY ceiling; dedup cost; time until 
 bench-queries: $(INSTALLED)  ## query latencies on 2M seeded events; what each index costs ingest
 	$(BIN)/python -m benchmarks.bench_queries $(BENCH_ARGS)
 
-bench-instructions: $(INSTALLED)  ## the server's instructions per event under callgrind (BENCH_ARGS: --against REF)
+bench-instructions: $(INSTALLED)  ## the server's instructions per event under callgrind (BENCH_ARGS: --against REF --durable --keep DIR)
 	$(BIN)/python -m benchmarks.bench_instructions $(BENCH_ARGS)
 
 bench-smoke: $(INSTALLED)  ## a few seconds of the ingest benchmark

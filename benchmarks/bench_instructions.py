@@ -8,10 +8,12 @@ counters are zeroed, the events are posted and committed (waited for by counting
 server does no extra work meanwhile), and the count is dumped. Only the server process is
 counted: not PostgreSQL, not the load generator, not the kernel's side of the sockets.
 
-Run as `python -m benchmarks.bench_instructions [--batch N] [--events N] [--against REF]`:
-with --against, a git worktree of REF is measured first, then this checkout, each on a new
-database migrated by its own code. Needs valgrind (Debian's package `valgrind`). Prints one
-JSON line per checkout and writes benchmarks/results/instructions.json.
+Run as `python -m benchmarks.bench_instructions [--batch N] [--events N] [--durable]
+[--against REF] [--keep DIR]`: with --against, a git worktree of REF is measured first, then this
+checkout, each on a new database migrated by its own code; --durable posts with `?wait=true`;
+--keep copies each callgrind dump into DIR (callgrind.REF.out, callgrind.this_checkout.out), for
+`callgrind_annotate`. Needs valgrind (Debian's package `valgrind`). Prints one JSON line per
+checkout and writes benchmarks/results/instructions.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,8 @@ from benchmarks.common import (
 # Under callgrind the server starts and runs about 50 times slower than natively.
 READY_TIMEOUT_S = 600
 _SUMMARY = re.compile(rb"^summary: (\d+)$", re.MULTILINE)
+# What a git ref may hold that a file name should not (a slash, say).
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
 
 
 def callgrind_control(option: str, server: ServerProcess) -> None:
@@ -52,13 +57,26 @@ def callgrind_control(option: str, server: ServerProcess) -> None:
     )
 
 
-async def count_instructions(
-    dsn: str, tree: Path, batch_size: int, connections: int, events: int
-) -> int:
-    """The instructions the server at `tree` ran to take and commit `events` events."""
-    path = b"/v1/events" if batch_size == 1 else b"/v1/events/batch"
-    warm_up = [dumps(event) for event in realistic_events(max(2_000, 2 * batch_size))]
-    measured = [dumps(event) for event in realistic_events(events)]
+@dataclass(frozen=True)
+class Load:
+    """What is posted: `events` events in requests of batch_size over `connections`."""
+
+    batch_size: int
+    connections: int
+    events: int
+    durable: bool = False
+
+    @property
+    def path(self) -> bytes:
+        path = b"/v1/events" if self.batch_size == 1 else b"/v1/events/batch"
+        return path + b"?wait=true" if self.durable else path
+
+
+async def count_instructions(dsn: str, tree: Path, load: Load, keep: Path | None) -> int:
+    """The instructions the server at `tree` ran to take and commit the load's events; the dump
+    is copied to the path `keep` when given."""
+    warm_up = [dumps(event) for event in realistic_events(max(2_000, 2 * load.batch_size))]
+    measured = [dumps(event) for event in realistic_events(load.events)]
     with tempfile.TemporaryDirectory(prefix="xray-callgrind-") as folder:
         out = Path(folder) / "callgrind.out"
         server = ServerProcess(
@@ -69,11 +87,13 @@ async def count_instructions(
         )
         try:
             await server.wait_ready(READY_TIMEOUT_S)
-            await post_all(server, request_bodies(warm_up, batch_size), path, connections)
+            warm_up_bodies = request_bodies(warm_up, load.batch_size)
+            await post_all(server, warm_up_bodies, load.path, load.connections)
             await wait_stored(dsn, len(warm_up))
             callgrind_control("--zero", server)
-            await post_all(server, request_bodies(measured, batch_size), path, connections)
-            await wait_stored(dsn, len(warm_up) + events)
+            bodies = request_bodies(measured, load.batch_size)
+            await post_all(server, bodies, load.path, load.connections)
+            await wait_stored(dsn, len(warm_up) + load.events)
             callgrind_control("--dump", server)
         finally:
             server.stop()
@@ -81,6 +101,8 @@ async def count_instructions(
         dumped = [name for name in Path(folder).iterdir() if name.name != out.name]
         if len(dumped) != 1:
             raise RuntimeError(f"expected one callgrind dump, found {dumped}")
+        if keep is not None:
+            shutil.copy(dumped[0], keep)
         summary = _SUMMARY.search(dumped[0].read_bytes())
         if summary is None:
             raise RuntimeError(f"no summary line in {dumped[0]}")
@@ -94,22 +116,25 @@ def commit_of(tree: Path) -> str:
     return done.stdout.strip() or "?"
 
 
-async def run(batch_size: int, connections: int, events: int, against: str | None) -> list[Any]:
+async def run(load: Load, against: str | None, keep: Path | None) -> list[Any]:
     results: list[dict[str, Any]] = []
     with postgres_server() as server_dsn, contextlib.ExitStack() as trees:
         checkouts = [trees.enter_context(checkout(against))] if against else []
         checkouts.append(PROJECT_DIR)
         for tree in checkouts:
+            label = "this checkout" if tree == PROJECT_DIR or against is None else against
+            dump = None
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                dump = keep / f"callgrind.{_UNSAFE_IN_NAME.sub('_', label)}.out"
             async with database_migrated_by(server_dsn, tree) as dsn:
-                total = await count_instructions(dsn, tree, batch_size, connections, events)
+                total = await count_instructions(dsn, tree, load, dump)
             result = {
-                "checkout": against if tree != PROJECT_DIR else "this checkout",
+                "checkout": label,
                 "commit": commit_of(tree),
-                "batch_size": batch_size,
-                "connections": connections,
-                "events": events,
+                **asdict(load),
                 "instructions": total,
-                "instructions_per_event": round(total / events),
+                "instructions_per_event": round(total / load.events),
             }
             if results:
                 first = results[0]["instructions_per_event"]
@@ -124,11 +149,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="events per request (1: single)")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--events", type=int, default=20_000, help="events counted")
+    parser.add_argument("--durable", action="store_true", help="post with ?wait=true")
     parser.add_argument("--against", help="a git ref measured first, for comparison")
+    parser.add_argument("--keep", type=Path, help="a folder to copy the callgrind dumps into")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench_instructions needs valgrind: apt-get install valgrind")
-    results = run_async(run(args.batch, args.connections, args.events, args.against))
+    load = Load(args.batch, args.connections, args.events, args.durable)
+    results = run_async(run(load, args.against, args.keep))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "instructions.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -79,16 +79,20 @@ def test_ingest_benchmark_smoke_run_commits_every_event(server_dsn: str) -> None
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
-def test_instructions_benchmark_counts_the_server_of_each_checkout(server_dsn: str) -> None:
+def test_instructions_benchmark_counts_the_server_of_each_checkout(
+    server_dsn: str, tmp_path: Path
+) -> None:
     output = run_benchmark(
         server_dsn,
         "benchmarks.bench_instructions",
         *("--batch", "10", "--events", "200", "--connections", "2", "--against", "HEAD"),
+        *("--durable", "--keep", str(tmp_path)),
     )
     before, now = (json.loads(line) for line in output.splitlines())
     assert (before["checkout"], now["checkout"]) == ("HEAD", "this checkout")
     for result in (before, now):
         assert result["events"] == 200
+        assert result["durable"] is True
         # A batch event costs the server tens of thousands of instructions, not a handful.
         assert 10_000 < result["instructions_per_event"] < 10_000_000
     assert now["ratio_to_first"] == round(
@@ -96,6 +100,10 @@ def test_instructions_benchmark_counts_the_server_of_each_checkout(server_dsn: s
     )
     saved = json.loads((RESULTS / "instructions.json").read_text())
     assert saved == [before, now]
+    # Each dump, kept for callgrind_annotate, holds its own checkout's total.
+    for name, result in (("HEAD", before), ("this_checkout", now)):
+        dump = (tmp_path / f"callgrind.{name}.out").read_text()
+        assert f"\nsummary: {result['instructions']}\n" in dump
 
 
 async def test_a_stopped_benchmark_server_still_gives_its_log(server_dsn: str) -> None:
