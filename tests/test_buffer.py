@@ -454,6 +454,27 @@ async def test_a_row_that_cannot_be_written_is_dead_lettered_not_retried_forever
     assert flusher.buffer.counters.flush_errors == 0
 
 
+@pytest.mark.parametrize("spoil", [unpackable, overflowing])
+async def test_a_failed_store_rolls_back_before_the_connection_goes_back(
+    pool: db.Pool, spoil: Callable[[Row], Row]
+) -> None:
+    # asyncpg rolls back a transaction left open too, but reports it to the loop's handler.
+    reported: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        with pytest.raises(RejectedRowsError):
+            await db.copy_events(pool, [spoil(make_rows(1)[0])])
+        assert reported == []
+        assert await db.copy_events(pool, make_rows(2)) == 2
+        # What the handler sees when a transaction is left open.
+        async with pool.acquire() as connection:
+            await connection.execute("BEGIN")
+        assert len(reported) == 1 and "active transaction" in reported[0]
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_stop_cuts_the_linger_short() -> None:
     sink = FakeSink()
     flusher = flusher_for(sink, max_events=1000, interval_s=60)
