@@ -413,6 +413,13 @@ def known_event_types() -> list[str]:
     return [kind.event_type for kind in KNOWN_EVENTS]
 
 
+def _may_escape_nul(text: bytes) -> bool:
+    """Whether text holds the bytes "\\u0000" at all, a real escape or not: the cheap test before
+    _REAL_NUL_ESCAPE. A search for a single byte (memchr) first: "\\u0000" ends in "0", which is
+    everywhere in JSON, and so is slow to search for; most events have no backslash at all."""
+    return _BACKSLASH in text and text.find(_NUL_ESCAPE) >= 0
+
+
 def nesting_depth(raw: bytes) -> int:
     """The deepest nesting of arrays and objects in a JSON text (1 for a flat object)."""
     deepest = depth = 0
@@ -433,14 +440,7 @@ def decode_row(raw: bytes | Raw, check_nul: bool = True, max_depth: int = MAX_DE
     # First what msgspec accepts but PostgreSQL or we would not. Each scan of an event's bytes
     # costs about a microsecond per KB, so the exact checks run only past a cheap one.
     text = bytes(raw)
-    # A search for a single byte (memchr) first: "\\u0000" ends in "0", which is everywhere
-    # in JSON, and so is slow to search for; most events have no backslash at all.
-    if (
-        check_nul
-        and _BACKSLASH in text
-        and text.find(_NUL_ESCAPE) >= 0
-        and _REAL_NUL_ESCAPE.search(text)
-    ):
+    if check_nul and _may_escape_nul(text) and _REAL_NUL_ESCAPE.search(text):
         raise InvalidEvent("$", "strings must not contain \\u0000 (PostgreSQL cannot store it)")
     # Nesting cannot exceed the number of opening brackets. Counting is a loop over every byte,
     # `in` is memchr, and many events (an SDK's llm_call) hold no array to count.
@@ -511,7 +511,7 @@ def decode_batch(
     items = split_batch(body, ndjson)
     if len(items) > max_items:
         raise BatchTooLargeError(f"a batch holds at most {max_items} events, got {len(items)}")
-    check_nul = _BACKSLASH in body and body.find(_NUL_ESCAPE) >= 0
+    check_nul = _may_escape_nul(body)
     rows: list[Row] = []
     ids: list[uuid.UUID | None] = []
     errors: list[ItemError] = []
