@@ -194,6 +194,11 @@ class Posted:
         return self.finished - self.started
 
 
+def ingest_path(batch_size: int, query: str = "") -> bytes:
+    """Where requests of batch_size events go: single events as the SDK posts them, or batches."""
+    return (b"/v1/events" if batch_size == 1 else b"/v1/events/batch") + query.encode()
+
+
 async def post_all(
     server: ServerProcess, bodies: list[bytes], path: bytes, connections: int
 ) -> Posted:
@@ -259,8 +264,7 @@ async def drive(
     server = server or ServerProcess(dsn)
     try:
         bodies = request_bodies(encoded, batch_size)
-        path = (b"/v1/events" if batch_size == 1 else b"/v1/events/batch") + query.encode()
-        posted = await post_all(server, bodies, path, connections)
+        posted = await post_all(server, bodies, ingest_path(batch_size, query), connections)
         # Committed when the server's metrics say so (a server without /metrics: when count(*)
         # sees the rows). Then count(*) confirms, outside the timed span: it scans the whole
         # table, seconds at millions of stored rows.

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_ingest import post_all, request_bodies
+from benchmarks.bench_ingest import ingest_path, post_all, request_bodies
 from benchmarks.common import (
     PROJECT_DIR,
     RESULTS_DIR,
@@ -68,8 +68,7 @@ class Load:
 
     @property
     def path(self) -> bytes:
-        path = b"/v1/events" if self.batch_size == 1 else b"/v1/events/batch"
-        return path + b"?wait=true" if self.durable else path
+        return ingest_path(self.batch_size, "?wait=true" if self.durable else "")
 
 
 async def count_instructions(dsn: str, tree: Path, load: Load, keep: Path | None) -> int:
