@@ -20,7 +20,6 @@ Service = Annotated[str, Meta(max_length=255)]
 DurationMs = Annotated[float, Meta(ge=0, le=INT4_MAX)]
 Count = Annotated[int, Meta(ge=0, le=INT4_MAX)]
 Fraction = Annotated[float, Meta(ge=0, le=1)]
-JsonObject = dict[str, Raw]
 
 # One events row, in db.COPY_COLUMNS order: id, event_type, trace_id, span_id, parent_span_id,
 # service, timestamp, duration_ms, data (the event's JSON bytes as sent).
@@ -37,6 +36,14 @@ Row: TypeAlias = tuple[
 ]
 
 
+# `metadata`, `criteria` and a custom event's `data` are checked to be objects and their members
+# skipped, not decoded: the payload keeps them as sent. As dict[str, Raw] they built a dict, a key
+# string and a Raw for each member, only to throw them away (batches of 1000 under callgrind:
+# 67,847 -> 65,707 server instructions per event). The docstring is the OpenAPI description.
+class AnyObject(Struct, gc=False):
+    """Any JSON object."""
+
+
 class Envelope(Struct, kw_only=True, gc=False):
     """The fields every event carries; unknown fields are ignored here and kept in the payload."""
 
@@ -46,7 +53,7 @@ class Envelope(Struct, kw_only=True, gc=False):
     parent_span_id: uuid.UUID | None = None
     service: Service | None = None
     duration_ms: DurationMs | None = None
-    metadata: JsonObject | None = None
+    metadata: AnyObject | None = None
 
 
 # ---- llm_call parts --------------------------------------------------------------------------
@@ -126,7 +133,7 @@ class DecisionPart(Struct, kw_only=True, gc=False):
 class DecisionEvent(Envelope, tag_field="event_type", tag="decision"):
     event_type: ClassVar[str] = "decision"
     decision: DecisionPart | None = None
-    criteria: JsonObject | None = None
+    criteria: AnyObject | None = None
 
 
 # ---- http_request parts ----------------------------------------------------------------------
@@ -160,7 +167,7 @@ class CustomEvent(Envelope):
     """Any other event_type (`logCustom(type, data)`)."""
 
     event_type: EventType
-    data: JsonObject | None = None
+    data: AnyObject | None = None
 
 
 KnownEvent = LlmCallEvent | DecisionEvent | HttpRequestEvent
