@@ -352,13 +352,20 @@ async def test_copy_skips_events_already_stored_or_repeated_in_the_batch(pool: d
 
 
 @pytest.mark.parametrize(
-    "timestamp", ["0002-01-01T00:00:00+14:00", "9998-12-31T23:59:59.999999-12:00"]
+    "timestamp",
+    [
+        "0002-01-01T00:00:00+14:00",
+        "9998-12-31T23:59:59.999999-12:00",
+        # A microsecond before the binary format's epoch: a negative count of microseconds.
+        "1999-12-31T23:59:59.999999Z",
+    ],
 )
 async def test_the_first_and_last_years_accepted_store_with_the_longest_duration(
     pool: db.Pool, timestamp: str
 ) -> None:
-    # In UTC, and at timestamp + duration_ms, these stay inside Python's datetime range: the
-    # flusher's trace span and asyncpg's encoding of it would otherwise raise, and retry forever.
+    # In UTC, and at timestamp + duration_ms, these stay inside Python's datetime range (the
+    # trace span would otherwise be refused), and the traces upsert turns the span's
+    # microseconds back into the exact times, however far from 2000.
     rows = make_rows(1, timestamp=timestamp, duration_ms=INT4_MAX)
     assert await db.copy_events(pool, rows) == 1
     async with pool.acquire() as connection:

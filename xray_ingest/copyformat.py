@@ -50,6 +50,9 @@ CHUNK_ROWS: Final = 256
 # the JSON text. A field is its int32 length then its bytes; length -1 is NULL.
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
+# The microseconds of Python's first and last datetime.
+_FIRST_MICROSECOND: Final = (datetime.min.replace(tzinfo=UTC) - _PG_EPOCH) // _MICROSECOND
+_LAST_MICROSECOND: Final = (datetime.max.replace(tzinfo=UTC) - _PG_EPOCH) // _MICROSECOND
 _JSONB_VERSION: Final = 1
 _NULL: Final = struct.pack(">i", -1)
 _COUNT_AND_EVENT_TYPE: Final = struct.Struct(">hi")
@@ -131,15 +134,18 @@ def pack_rows(
     return b"".join(parts)
 
 
-def span_columns(spans: TraceSpans) -> tuple[list[uuid.UUID], list[datetime], list[datetime]]:
-    """The trace spans as the traces upsert takes them: trace_ids in order, start and end
-    times. Raises OverflowError for a span that leaves datetime's range."""
+def span_columns(spans: TraceSpans) -> tuple[list[uuid.UUID], list[int], list[int]]:
+    """The trace spans as the traces upsert takes them: trace_ids in order, start and end times
+    in microseconds since _PG_EPOCH. Integers, not datetimes: asyncpg encodes a datetime through
+    astimezone, comparisons and a subtraction (batches of 1000 under callgrind: 65,713 -> 63,738
+    server instructions per event). Raises OverflowError for a span that leaves datetime's
+    range, which the traces could then not be read back into."""
     ordered = [spans[key] for key in sorted(spans)]
-    return (
-        [trace_id for trace_id, _, _ in ordered],
-        [_PG_EPOCH + start * _MICROSECOND for _, start, _ in ordered],
-        [_PG_EPOCH + end * _MICROSECOND for _, _, end in ordered],
-    )
+    starts = [start for _, start, _ in ordered]
+    ends = [end for _, _, end in ordered]
+    if ordered and (min(starts) < _FIRST_MICROSECOND or max(ends) > _LAST_MICROSECOND):
+        raise OverflowError("a trace span leaves the range of Python's datetime")
+    return [trace_id for trace_id, _, _ in ordered], starts, ends
 
 
 async def copy_data(rows: Sequence[Row], spans: TraceSpans | None = None) -> AsyncIterator[bytes]:

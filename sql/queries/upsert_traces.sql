@@ -1,13 +1,17 @@
 -- Records each trace's earliest event time and latest end (timestamp + duration); input sorted by trace_id so concurrent flushers lock rows in one order.
 -- $1 trace_ids uuid[]
--- $2 start_times timestamptz[]
--- $3 end_times timestamptz[]
+-- $2 start_us bigint[]: microseconds since 2000-01-01 00:00 UTC, as COPY's binary format counts them
+-- $3 end_us bigint[]: the same
+-- Whole days, then the microseconds left: exact at any date (one product `us * interval '1 microsecond'`
+-- would go through a float8, inexact beyond 2^53 us, about 285 years from 2000).
 INSERT INTO traces (trace_id, start_time, end_time)
 SELECT
     batch.trace_id,
-    batch.start_time,
-    batch.end_time
-FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS batch (trace_id, start_time, end_time)
+    (timestamp '2000-01-01' + (batch.start_us / 86400000000) * interval '1 day'
+        + (batch.start_us % 86400000000) * interval '1 microsecond') AT TIME ZONE 'UTC',
+    (timestamp '2000-01-01' + (batch.end_us / 86400000000) * interval '1 day'
+        + (batch.end_us % 86400000000) * interval '1 microsecond') AT TIME ZONE 'UTC'
+FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS batch (trace_id, start_us, end_us)
 ORDER BY batch.trace_id
 ON CONFLICT (trace_id) DO UPDATE
 SET
