@@ -1,9 +1,10 @@
 -- Records each trace's earliest event time and latest end (timestamp + duration); input sorted by trace_id so concurrent flushers lock rows in one order.
 -- $1 trace_ids uuid[]
--- $2 start_us bigint[]: microseconds since 2000-01-01 00:00 UTC, as COPY's binary format counts them
+-- $2 start_us bigint[]: microseconds since 2000-01-01 00:00 UTC (COPY's binary format counts so)
 -- $3 end_us bigint[]: the same
--- Whole days, then the microseconds left: exact at any date (one product `us * interval '1 microsecond'`
--- would go through a float8, inexact beyond 2^53 us, about 285 years from 2000).
+-- Each becomes a time as whole days, then the microseconds left: exact at any date. The one
+-- product `us * interval '1 microsecond'` goes through a float8, inexact beyond 2^53 us (about
+-- 285 years from 2000).
 INSERT INTO traces (trace_id, start_time, end_time)
 SELECT
     batch.trace_id,
