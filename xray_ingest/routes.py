@@ -339,10 +339,13 @@ async def _read_ingest_body(scope: Scope, receive: Receive, buffer: Buffer, limi
 def _durable_deadline(scope: Scope, longest_s: float) -> float | None:
     """Seconds to wait for the commit when the client asked for it (`?wait=true`, or a
     `Prefer: wait` / `Prefer: wait=N` header, capped at longest_s), else None."""
-    # Raw bytes first: parsing the query and headers of every request costs the hot path.
+    # Raw bytes first: parsing the query and headers of every request costs the hot path. find(),
+    # not `b"wait" in query`, which first tries b"wait" as an int (see models._BACKSLASH).
     query: bytes = scope["query_string"]
-    if b"wait" in query and QueryParams(query).get("wait", "").lower() in ("true", "1", "yes"):
-        return longest_s
+    if query.find(b"wait") >= 0:
+        wait = QueryParams(query).get("wait", "").lower()
+        if wait in ("true", "1", "yes"):
+            return longest_s
     for name, raw in scope["headers"]:
         if name != b"prefer":
             continue
