@@ -440,6 +440,13 @@ async def test_row_the_database_refuses_goes_to_dead_letters_and_the_rest_lands(
     assert flusher.buffer.counters.dead_lettered == 1
 
 
+def test_a_dead_letter_payload_is_text_the_database_can_store() -> None:
+    assert db.dead_letter_text(b'{"a": "\xc3\xa9"}') == '{"a": "\u00e9"}'
+    assert db.dead_letter_text(b'{"a": "\xff"}') == '{"a": "\\xff"}'
+    assert db.dead_letter_text(b'{"a": "\x00"}') == '{"a": "\\x00"}'
+    assert db.dead_letter_text(12345) == "12345"
+
+
 def unpackable(row: Row) -> Row:
     """A row that validation would never let through: duration_ms past int4 (struct.error)."""
     return (*row[:7], INT4_MAX + 1, row[8])
@@ -450,7 +457,13 @@ def overflowing(row: Row) -> Row:
     return (*row[:6], datetime.max.replace(tzinfo=UTC), 5_000, row[8])
 
 
-@pytest.mark.parametrize("spoil", [unpackable, overflowing])
+def mistyped(row: Row) -> Row:
+    """A row holding a value of a type packing does not take (TypeError): only a bug could make
+    one, and writing it again would fail the same way."""
+    return (*row[:8], 12345)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("spoil", [unpackable, overflowing, mistyped])
 async def test_a_row_that_cannot_be_written_is_dead_lettered_not_retried_forever(
     pool: db.Pool, spoil: Callable[[Row], Row]
 ) -> None:
@@ -461,7 +474,7 @@ async def test_a_row_that_cannot_be_written_is_dead_lettered_not_retried_forever
     assert flusher.buffer.counters.flush_errors == 0
 
 
-@pytest.mark.parametrize("spoil", [unpackable, overflowing])
+@pytest.mark.parametrize("spoil", [unpackable, overflowing, mistyped])
 async def test_a_failed_store_rolls_back_before_the_connection_goes_back(
     pool: db.Pool, spoil: Callable[[Row], Row]
 ) -> None:

@@ -39,9 +39,13 @@ COLUMNS: Final = (
 HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER: Final = struct.pack(">h", -1)
 # What packing a row raises for a value PostgreSQL might take but the binary format or Python's
-# datetime cannot carry: an int past its field, a time arithmetic overflow, a lone surrogate.
-# Validation keeps such values out; db.copy_events treats these as a refusal of the rows.
-UNPACKABLE: Final = (struct.error, OverflowError, UnicodeEncodeError)
+# datetime cannot carry: an int past its field, a time arithmetic overflow, a lone surrogate
+# (a ValueError); or for a value of a type it does not take (TypeError; the DataError asyncpg
+# raises when it cannot encode an upsert argument is a ValueError too). Validation keeps such
+# values out, so only a bug could let one through, and writing it again would fail the same way:
+# db.copy_events treats these as a refusal of the rows, which the flusher then isolates and
+# dead-letters.
+UNPACKABLE: Final = (struct.error, OverflowError, TypeError, ValueError)
 # Rows per CopyData message: about 300 KB of ~1 KB events, so the database parses one chunk
 # while the next is packed, and a large flush is never held twice in memory.
 CHUNK_ROWS: Final = 256

@@ -186,14 +186,26 @@ async def copy_events(pool: Pool, rows: Sequence[Row], *, skip_stored: bool = Fa
                 raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
             raise
         except copyformat.UNPACKABLE as exc:
-            # A row that got past validation but cannot be packed, or whose trace span leaves
-            # datetime's range: retrying would fail the same way forever, and jam the queue.
+            # A row that got past validation but cannot be packed (a value out of its field's
+            # range or of the wrong type), or whose trace span leaves datetime's range: retrying
+            # would fail the same way forever, and jam the queue.
             raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def dead_letter_text(data: object) -> str:
+    """A refused row's payload as text the database can store: the JSON as sent, with bytes
+    that are no UTF-8 as backslash escapes; the repr of a value that is no bytes (only a bug
+    makes one); NUL characters, which text cannot hold, as `\\x00`."""
+    if isinstance(data, (bytes, Raw)):
+        text = bytes(data).decode("utf-8", "backslashreplace")
+    else:
+        text = repr(data)
+    return text.replace("\x00", "\\x00")
 
 
 async def store_dead_letter(pool: Pool, row: Row, error: str) -> None:
     """Keeps a row the database refused, with the reason, in dead_letter_events."""
-    payload = bytes(row[8]).decode("utf-8", "backslashreplace")
+    payload = dead_letter_text(row[8])
     async with pool.acquire() as connection:
         await connection.execute(QUERIES["insert_dead_letter"], payload, error)
 
