@@ -117,6 +117,8 @@ def commit_of(tree: Path) -> str:
 
 async def run(load: Load, against: str | None, keep: Path | None) -> list[Any]:
     results: list[dict[str, Any]] = []
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
     with postgres_server() as server_dsn, contextlib.ExitStack() as trees:
         checkouts = [trees.enter_context(checkout(against))] if against else []
         checkouts.append(PROJECT_DIR)
@@ -124,7 +126,6 @@ async def run(load: Load, against: str | None, keep: Path | None) -> list[Any]:
             label = "this checkout" if tree == PROJECT_DIR or against is None else against
             dump = None
             if keep is not None:
-                keep.mkdir(parents=True, exist_ok=True)
                 dump = keep / f"callgrind.{_UNSAFE_IN_NAME.sub('_', label)}.out"
             async with database_migrated_by(server_dsn, tree) as dsn:
                 total = await count_instructions(dsn, tree, load, dump)
