@@ -31,14 +31,12 @@ def make_rows(count: int, event_type: str = "cache_lookup", **fields: object) ->
 
 
 class FakeSink:
-    """Records batches; can be slow, fail a number of times, or refuse POISON rows. With no
-    witness (the default) every commit is synchronous."""
+    """Records batches; can be slow, fail a number of times, or refuse POISON rows."""
 
     def __init__(self, delay_s: float = 0.0, failures: int = 0) -> None:
         self.delay_s = delay_s
         self.failures = failures
         self.batches: list[list[Row]] = []
-        self.synchronous: list[bool] = []
         self.dead: list[tuple[Row, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -47,20 +45,7 @@ class FakeSink:
     def stored(self) -> list[Row]:
         return [row for batch in self.batches for row in batch]
 
-    def witness(self) -> int | None:
-        return None
-
-    async def open_witness(self) -> int:
-        raise ConnectionRefusedError("this sink has no witness")
-
-    async def wal_positions(self) -> tuple[int, int, int]:
-        raise AssertionError("nothing commits without waiting for its WAL here")
-
-    async def close(self) -> None:
-        pass
-
-    async def copy_events(self, rows: Sequence[Row], synchronous: bool = True) -> int:
-        self.synchronous.append(synchronous)
+    async def copy_events(self, rows: Sequence[Row]) -> int:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -263,101 +248,6 @@ async def test_stop_past_its_deadline_reports_what_was_not_committed() -> None:
     assert await flusher.stop(0.1) == 4
 
 
-class WitnessSink(FakeSink):
-    """A FakeSink with a witness: batches without a durable request commit without waiting for
-    their WAL. Each commit moves the WAL's end; `flushed` is how far it is on disk, which the
-    test moves. The first `restarts` readings fail, as when the database has restarted since
-    the witness opened."""
-
-    def __init__(self, restarts: int = 0) -> None:
-        super().__init__()
-        self.restarts = restarts
-        self.inserted = 0
-        self.flushed = 0
-        self.opened = 0
-        self.open = False
-
-    async def copy_events(self, rows: Sequence[Row], synchronous: bool = True) -> int:
-        stored = await super().copy_events(rows, synchronous)
-        self.inserted += 1
-        if synchronous:
-            self.flushed = self.inserted
-        return stored
-
-    def witness(self) -> int | None:
-        return self.opened if self.open else None
-
-    async def open_witness(self) -> int:
-        self.opened += 1
-        self.open = True
-        return self.opened
-
-    async def wal_positions(self) -> tuple[int, int, int]:
-        if self.restarts:
-            self.restarts -= 1
-            self.open = False
-            raise ConnectionResetError("the database restarted")
-        return self.opened, self.inserted, self.flushed
-
-
-async def started_with_witness(sink: WitnessSink | db.PoolSink) -> Flusher:
-    flusher = flusher_for(sink)
-    flusher.start()
-    await wait_for(lambda: sink.witness() is not None)
-    return flusher
-
-
-async def test_a_batch_without_durable_requests_is_held_until_its_wal_is_on_disk() -> None:
-    sink = WitnessSink()
-    flusher = await started_with_witness(sink)
-    flusher.buffer.put(make_rows(5), 50)
-    await wait_for(lambda: len(sink.stored) == 5)
-    await asyncio.sleep(buffer_module.CONFIRM_INTERVAL_S * 3)
-    assert sink.synchronous == [False]
-    # Committed and counted, but its room is held until the WAL is flushed past the commit.
-    assert (flusher.buffer.events, flusher.buffer.counters.committed) == (5, 5)
-    sink.flushed = sink.inserted
-    await wait_for(lambda: flusher.buffer.events == 0)
-    assert flusher.buffer.counters.committed == 5
-    assert await flusher.stop(1) == 0
-
-
-async def test_a_durable_request_commits_synchronously_and_is_answered_at_once() -> None:
-    sink = WitnessSink()
-    flusher = await started_with_witness(sink)
-    committed: asyncio.Future[Refusals] = asyncio.get_running_loop().create_future()
-    flusher.buffer.put(make_rows(3), 30, committed)
-    assert await asyncio.wait_for(committed, 2) == []
-    assert sink.synchronous == [True]
-    assert (flusher.buffer.events, flusher.buffer.counters.committed) == (0, 3)
-    assert await flusher.stop(1) == 0
-
-
-async def test_stop_waits_until_what_is_committed_is_on_disk() -> None:
-    sink = WitnessSink()
-    flusher = await started_with_witness(sink)
-    flusher.buffer.put(make_rows(4), 40)
-    await wait_for(lambda: len(sink.stored) == 4)
-    stopping = asyncio.create_task(flusher.stop(5))
-    await asyncio.sleep(0.1)
-    assert not stopping.done()
-    sink.flushed = sink.inserted
-    assert await stopping == 0
-
-
-async def test_batches_no_witness_can_vouch_for_are_written_again_and_counted_once() -> None:
-    sink = WitnessSink(restarts=1)
-    flusher = await started_with_witness(sink)
-    rows = make_rows(4)
-    flusher.buffer.put(rows, 40)
-    await wait_for(lambda: flusher.buffer.events == 0)
-    assert sink.batches == [rows, rows]
-    assert sink.synchronous == [False, True]
-    assert (flusher.buffer.counters.committed, flusher.buffer.counters.duplicates) == (4, 0)
-    await wait_for(lambda: sink.opened == 2)  # and a new witness takes over
-    assert await flusher.stop(1) == 0
-
-
 # ---- real COPY -------------------------------------------------------------------------------
 
 
@@ -520,110 +410,6 @@ async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:
     async with pool.acquire() as connection:
         start = await connection.fetchval("SELECT start_time FROM traces")
     assert start == early[0][6]
-
-
-async def end_other_sessions(pool: db.Pool) -> None:
-    """Ends every other session on the test's database, as a restart of the database would."""
-    async with pool.acquire() as connection:
-        await connection.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-
-
-async def test_a_witness_reads_wal_positions_until_its_session_ends_then_a_new_one_opens(
-    pool: db.Pool,
-) -> None:
-    sink = db.PoolSink(pool)
-    assert sink.witness() is None
-    assert await sink.open_witness() == 1
-    assert await sink.open_witness() == 1  # already open
-    witness, inserted, flushed = await sink.wal_positions()
-    assert witness == 1 and 0 < flushed <= inserted
-    # A commit that does not wait for its WAL moves the end of the WAL, not (yet) the flush.
-    assert await db.copy_events(pool, make_rows(3), synchronous=False) == 3
-    _, inserted_after, _ = await sink.wal_positions()
-    assert inserted_after > inserted
-    await end_other_sessions(pool)
-    await wait_for(lambda: sink.witness() is None)  # the closed session is noticed
-    with pytest.raises(ConnectionError):
-        await sink.wal_positions()
-    assert await sink.open_witness() == 2
-    assert (await sink.wal_positions())[0] == 2
-    await sink.close()
-    assert sink.witness() is None
-
-
-class GatedPoolSink(db.PoolSink):
-    """The real sink, whose readings of the WAL's positions wait for `reading`; it records
-    whether each write was synchronous."""
-
-    def __init__(self, pool: db.Pool) -> None:
-        super().__init__(pool)
-        self.reading = asyncio.Event()
-        self.synchronous: list[bool] = []
-
-    async def copy_events(self, rows: Sequence[Row], synchronous: bool = True) -> int:
-        self.synchronous.append(synchronous)
-        return await super().copy_events(rows, synchronous)
-
-    async def wal_positions(self) -> tuple[int, int, int]:
-        await self.reading.wait()
-        return await super().wal_positions()
-
-
-async def count_events(pool: db.Pool) -> int:
-    async with pool.acquire() as connection:
-        count: int = await connection.fetchval("SELECT count(*) FROM events")
-        return count
-
-
-async def committed_not_confirmed(pool: db.Pool, rows: int) -> tuple[GatedPoolSink, Flusher]:
-    """A flusher on the real sink that has committed `rows` new rows, not yet confirmed."""
-    sink = GatedPoolSink(pool)
-    flusher = await started_with_witness(sink)
-    flusher.buffer.put(make_rows(rows), 10 * rows)
-    while await count_events(pool) < rows:
-        await asyncio.sleep(0.01)
-    assert sink.synchronous == [False]
-    assert (flusher.buffer.events, flusher.buffer.counters.committed) == (rows, rows)
-    return sink, flusher
-
-
-async def test_events_committed_without_waiting_for_the_wal_are_released_once_it_is_on_disk(
-    pool: db.Pool,
-) -> None:
-    sink, flusher = await committed_not_confirmed(pool, 6)
-    sink.reading.set()
-    await wait_for(lambda: flusher.buffer.events == 0)
-    assert await count_events(pool) == 6
-    assert await flusher.stop(1) == 0
-
-
-async def test_events_whose_commit_is_lost_before_it_is_on_disk_are_written_again(
-    pool: db.Pool,
-) -> None:
-    sink, flusher = await committed_not_confirmed(pool, 6)
-    # What a crash of the database before the WAL reached the disk does: the commit is undone,
-    # and every session ends.
-    async with pool.acquire() as connection:
-        await connection.execute("DELETE FROM events")
-    await end_other_sessions(pool)
-    sink.reading.set()
-    await wait_for(lambda: flusher.buffer.events == 0)
-    assert await count_events(pool) == 6
-    assert (flusher.buffer.counters.committed, flusher.buffer.counters.duplicates) == (6, 0)
-    assert await flusher.stop(1) == 0
-
-
-async def test_events_whose_commit_was_kept_are_not_stored_twice(pool: db.Pool) -> None:
-    sink, flusher = await committed_not_confirmed(pool, 6)
-    await end_other_sessions(pool)  # the witness ends, so no one can vouch for the commit
-    sink.reading.set()
-    await wait_for(lambda: flusher.buffer.events == 0)
-    assert await count_events(pool) == 6
-    assert (flusher.buffer.counters.committed, flusher.buffer.counters.duplicates) == (6, 0)
-    assert await flusher.stop(1) == 0
 
 
 async def flush_around(pool: db.Pool, poison: Row) -> Flusher:

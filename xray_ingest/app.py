@@ -240,9 +240,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        # One more for the flusher's witness (db.PoolSink), which it holds while it runs.
-        connections = settings.copy_connections + settings.query_connections + 1
-        pool = await db.create_pool(dsn, connections)
+        pool = await db.create_pool(dsn, settings.copy_connections + settings.query_connections)
         try:
             await _check_schema(pool)
             buffer = Buffer(settings.queue_max_events, settings.queue_max_bytes)

@@ -19,29 +19,16 @@ logger = logging.getLogger(__name__)
 
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 5.0
-# How often the flusher reads how far the WAL is on disk while it holds batches committed
-# without waiting for it. PostgreSQL's WAL writer flushes them within 3 x wal_writer_delay
-# (200 ms by default), sooner under load.
-CONFIRM_INTERVAL_S = 0.02
 # Past this fill of either bound the server reports itself unready (it still takes what fits).
 READY_FILL = 0.9
 
 
 class Sink(Protocol):
-    """Where flushed rows go: db.PoolSink in the server (its docstring tells how a commit that
-    did not wait for its WAL is confirmed), a fake in unit tests."""
+    """Where flushed rows go: db.PoolSink in the server, a fake in unit tests."""
 
-    async def copy_events(self, rows: Sequence[Row], synchronous: bool = True) -> int: ...
+    async def copy_events(self, rows: Sequence[Row]) -> int: ...
 
     async def store_dead_letter(self, row: Row, error: str) -> None: ...
-
-    def witness(self) -> int | None: ...
-
-    async def open_witness(self) -> int: ...
-
-    async def wal_positions(self) -> tuple[int, int, int]: ...
-
-    async def close(self) -> None: ...
 
 
 # Positions in a chunk's rows of the events the database refused, with the reason.
@@ -55,20 +42,6 @@ class Chunk:
     rows: list[Row]
     size: int
     committed: asyncio.Future[Refusals] | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Unconfirmed:
-    """A batch committed while witness `witness` was open, without waiting for its WAL: its
-    chunks keep their room in the buffer until the witness has seen the WAL flushed past the
-    commit (or, failing that, the rows are written again)."""
-
-    chunks: list[Chunk]
-    # The rows written, the refused (dead-lettered) ones left out.
-    rows: list[Row]
-    witness: int
-    # A WAL position the commit ends before, once the witness has read one after it.
-    ends_before: int | None = None
 
 
 def _refusals_in(chunk: Chunk, refused: dict[int, str]) -> Refusals:
@@ -182,16 +155,11 @@ class Flusher:
     # One worker collects at a time, while the others write: lingering side by side, they would
     # split a trickle of requests into several small COPYs, each with its own commit.
     _collecting: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Batches committed without waiting for their WAL, oldest first, and the signal that one
-    # was added (see _confirm).
-    _unconfirmed: list[Unconfirmed] = field(default_factory=list)
-    _unconfirmed_added: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._work(), name=f"flusher-{n}") for n in range(self.connections)
         ]
-        self._tasks.append(asyncio.create_task(self._confirm(), name="flusher-confirm"))
 
     async def stop(self, timeout_s: float) -> int:
         """Stops accepting, waits up to timeout_s for everything queued to be committed, and
@@ -204,12 +172,10 @@ class Flusher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.sink.close()
         lost = self.buffer.events
         if lost:
             logger.error(
-                "shutdown deadline passed with %d events not committed (or not known to be on"
-                " disk)",
+                "shutdown deadline passed with %d events not committed",
                 lost,
                 extra={"action": "shutdown", "rows": lost},
             )
@@ -253,95 +219,22 @@ class Flusher:
             async with self._collecting:
                 chunks = await self._collect()
             rows = chunks[0].rows if len(chunks) == 1 else [r for c in chunks for r in c.rows]
-            # Without a durable request among the chunks, the commit need not wait for the WAL
-            # to reach the disk (each waited about 30 to 50 ms under load, the connection idle
-            # meanwhile): the chunks are held instead until the witness has seen it there.
-            # Without a witness, nothing could vouch for the commit, and it waits.
-            durable = any(chunk.committed is not None for chunk in chunks)
-            witness = None if durable else self.sink.witness()
-            refused, stored = await self._write(rows, synchronous=witness is None)
-            self._count(len(rows) - len(refused), stored)
-            if witness is None:
-                self._release(chunks, refused)
-                continue
-            written = [row for row in rows if id(row) not in refused] if refused else rows
-            self._unconfirmed.append(Unconfirmed(chunks, written, witness))
-            self._unconfirmed_added.set()
+            refused = await self._write(rows)
+            for chunk in chunks:
+                if chunk.committed is not None and not chunk.committed.done():
+                    chunk.committed.set_result(_refusals_in(chunk, refused))
+                self.buffer.release(chunk)
 
-    def _count(self, written: int, stored: int) -> None:
-        """Counts `written` events as committed, `stored` of them new."""
-        counters = self.buffer.counters
-        counters.committed += stored
-        counters.duplicates += written - stored
-        metrics.EVENTS_COMMITTED.inc(stored)
-        metrics.EVENTS_DUPLICATE.inc(written - stored)
-
-    def _release(self, chunks: list[Chunk], refused: dict[int, str]) -> None:
-        """Answers the chunks' durable requests and frees their room."""
-        for chunk in chunks:
-            if chunk.committed is not None and not chunk.committed.done():
-                chunk.committed.set_result(_refusals_in(chunk, refused))
-            self.buffer.release(chunk)
-
-    async def _confirm(self) -> None:
-        """Keeps a witness open, and releases each unconfirmed batch once the witness has seen
-        the WAL flushed past its commit. A batch it cannot vouch for (its witness ended, or the
-        positions cannot be read) is written again, synchronously, and released: if the
-        database kept the first commit, it skips the repeats."""
-        failures = 0
-        while True:
-            if self.sink.witness() is None:
-                try:
-                    await self.sink.open_witness()
-                    failures = 0
-                except Exception:
-                    # The database is away: batches commit synchronously until it is back.
-                    failures += 1
-                    await asyncio.sleep(min(RETRY_CAP_S, RETRY_BASE_S * 2**failures))
-                    continue
-            if not self._unconfirmed:
-                self._unconfirmed_added.clear()
-                await self._unconfirmed_added.wait()
-                continue
-            await asyncio.sleep(CONFIRM_INTERVAL_S)
-            # Every batch listed now committed before the positions are read.
-            batches = list(self._unconfirmed)
-            try:
-                witness, inserted, flushed = await self.sink.wal_positions()
-            except Exception:
-                logger.warning("could not read how far the WAL is on disk", exc_info=True)
-                witness = inserted = flushed = -1
-            for batch in batches:
-                if batch.witness == witness:
-                    if batch.ends_before is None:
-                        batch.ends_before = inserted
-                    if batch.ends_before > flushed:
-                        continue
-                else:
-                    logger.warning(
-                        "writing %d events again: the database may have restarted since their"
-                        " commit, which no witness can vouch for",
-                        len(batch.rows),
-                        extra={"action": "confirm", "rows": len(batch.rows)},
-                    )
-                    await self._write(batch.rows, synchronous=True)
-                self._unconfirmed.remove(batch)
-                self._release(batch.chunks, {})
-
-    async def _write(self, rows: list[Row], synchronous: bool) -> tuple[dict[int, str], int]:
+    async def _write(self, rows: list[Row]) -> dict[int, str]:
         """Writes rows, retrying with capped exponential backoff and jitter until they are in.
 
-        Returns the refused (dead-lettered) rows, keyed by id(row), with the reason, and how
-        many rows were new (not stored already)."""
+        Returns the refused (dead-lettered) rows, keyed by id(row), with the reason."""
         attempt = 0
-        # Partial writes count across attempts: a part committed before a failure is found
-        # stored when the rows are written again.
-        stored = [0]
         while True:
             started = time.perf_counter()
             refused: dict[int, str] = {}
             try:
-                await self._write_isolating(rows, refused, synchronous, stored)
+                await self._write_isolating(rows, refused)
             except Exception:
                 attempt += 1
                 self.buffer.counters.flush_errors += 1
@@ -366,17 +259,14 @@ class Flusher:
                 len(rows),
                 extra={"action": "flush", "rows": len(rows), "ms": round(seconds * 1000, 2)},
             )
-            return refused, stored[0]
+            return refused
 
-    async def _write_isolating(
-        self, rows: Sequence[Row], refused: dict[int, str], synchronous: bool, stored: list[int]
-    ) -> None:
-        """Writes rows, adding how many were new to stored[0]; when the database refuses some
-        row, halves the batch until the refused rows stand alone and moves each to the
-        dead-letter table (and into `refused`)."""
+    async def _write_isolating(self, rows: Sequence[Row], refused: dict[int, str]) -> None:
+        """Writes rows; when the database refuses some row, halves the batch until the refused
+        rows stand alone and moves each to the dead-letter table (and into `refused`)."""
         counters = self.buffer.counters
         try:
-            stored[0] += await self.sink.copy_events(rows, synchronous)
+            stored = await self.sink.copy_events(rows)
         except RejectedRowsError as exc:
             metrics.COPY_ERRORS.inc()
             if len(rows) == 1:
@@ -391,5 +281,10 @@ class Flusher:
                 )
                 return
             middle = len(rows) // 2
-            await self._write_isolating(rows[:middle], refused, synchronous, stored)
-            await self._write_isolating(rows[middle:], refused, synchronous, stored)
+            await self._write_isolating(rows[:middle], refused)
+            await self._write_isolating(rows[middle:], refused)
+            return
+        counters.committed += stored
+        counters.duplicates += len(rows) - stored
+        metrics.EVENTS_COMMITTED.inc(stored)
+        metrics.EVENTS_DUPLICATE.inc(len(rows) - stored)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import uuid
@@ -154,13 +153,9 @@ async def _copy_skipping_stored(
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def _store(
-    connection: Connection, rows: Sequence[Row], skip_stored: bool, synchronous: bool
-) -> int:
+async def _store(connection: Connection, rows: Sequence[Row], skip_stored: bool) -> int:
     spans: copyformat.TraceSpans = {}
     async with connection.transaction():
-        if not synchronous:
-            await connection.execute(QUERIES["defer_wal_flush"])
         if skip_stored:
             stored = await _copy_skipping_stored(connection, rows, spans)
         else:
@@ -170,15 +165,12 @@ async def _store(
     return stored
 
 
-async def copy_events(
-    pool: Pool, rows: Sequence[Row], *, skip_stored: bool = False, synchronous: bool = True
-) -> int:
+async def copy_events(pool: Pool, rows: Sequence[Row], *, skip_stored: bool = False) -> int:
     """Stores rows in one transaction and returns how many were new.
 
     The fast path COPYs straight into events; only when that hits a stored (trace_id, span_id,
     timestamp), or with skip_stored, does it go through a staging table that skips the
-    repeats. Unless synchronous, the COMMIT returns before its WAL is on disk, and a crash of
-    the database can still undo it until the WAL is flushed past it (PoolSink). Raises
+    repeats. Raises
     RejectedRowsError when the database refuses the data itself, or when a row cannot be packed
     for it (either way some row is poison); connection and server errors propagate unchanged,
     to be retried.
@@ -186,9 +178,9 @@ async def copy_events(
     async with pool.acquire() as connection:
         try:
             try:
-                return await _store(connection, rows, skip_stored, synchronous)
+                return await _store(connection, rows, skip_stored)
             except asyncpg.UniqueViolationError:
-                return await _store(connection, rows, True, synchronous)
+                return await _store(connection, rows, skip_stored=True)
         except asyncpg.PostgresError as exc:
             if _is_rejection(exc):
                 raise RejectedRowsError(f"{type(exc).__name__}: {exc}") from exc
@@ -219,70 +211,16 @@ async def store_dead_letter(pool: Pool, row: Row, error: str) -> None:
 
 
 class PoolSink:
-    """The flusher's view of the database: store a batch, keep a refused row, and tell how far
-    the WAL is on disk.
-
-    A batch committed without waiting for its WAL is safe once the WAL is flushed past its
-    commit, which fetch_wal_positions tells, read on the witness: a connection held out of the
-    pool, numbered as it is opened. A crash of the database ends every session, so while one
-    witness stays open the database has not restarted since it opened, and the positions it
-    reads belong to the run in which the batches it vouches for committed. (After a crash the
-    positions of the lost commits are used again, so positions read on a new connection could
-    not vouch for them.)"""
+    """The flusher's view of the database: store a batch, keep a refused row."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._witness: PoolConnectionProxy[asyncpg.Record] | None = None
-        self._witnesses_opened = 0
 
-    async def copy_events(self, rows: Sequence[Row], synchronous: bool = True) -> int:
-        return await copy_events(self._pool, rows, synchronous=synchronous)
+    async def copy_events(self, rows: Sequence[Row]) -> int:
+        return await copy_events(self._pool, rows)
 
     async def store_dead_letter(self, row: Row, error: str) -> None:
         await store_dead_letter(self._pool, row, error)
-
-    def witness(self) -> int | None:
-        """The number of the open witness; None when there is none."""
-        if self._witness is None:
-            return None
-        try:
-            closed = self._witness.is_closed()
-        except asyncpg.InterfaceError:
-            closed = True  # the pool took it back when its session ended
-        return None if closed else self._witnesses_opened
-
-    async def open_witness(self) -> int:
-        """Opens a witness unless one is open; returns its number. Raises when the database
-        cannot be reached."""
-        if self.witness() is None:
-            await self._drop_witness()
-            self._witness = await self._pool.acquire()
-            self._witnesses_opened += 1
-        return self._witnesses_opened
-
-    async def wal_positions(self) -> tuple[int, int, int]:
-        """The witness's number, where the WAL ends and how far it is flushed, read on the
-        witness. Raises (and drops the witness) when they cannot be read."""
-        witness = self.witness()
-        if self._witness is None or witness is None:
-            raise ConnectionError("no witness connection is open")
-        try:
-            positions = await self._witness.fetchrow(QUERIES["fetch_wal_positions"])
-        except BaseException:
-            await self._drop_witness()
-            raise
-        assert positions is not None
-        return witness, positions["inserted"], positions["flushed"]
-
-    async def close(self) -> None:
-        """Gives the witness back to the pool (which closes only once it has them all)."""
-        await self._drop_witness()
-
-    async def _drop_witness(self) -> None:
-        connection, self._witness = self._witness, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await self._pool.release(connection)
 
 
 async def ping(pool: Pool, timeout_s: float) -> datetime | None:

@@ -61,14 +61,10 @@ EVENTS_DEAD_LETTERED: Final = Counter(
     "xray_events_dead_lettered", "Events the database refused, kept in dead_letter_events"
 )
 QUEUE_EVENTS: Final = Gauge(
-    "xray_queue_events",
-    "Events queued, or committed and not yet known to be on disk",
-    multiprocess_mode="livesum",
+    "xray_queue_events", "Events queued and not yet committed", multiprocess_mode="livesum"
 )
 QUEUE_BYTES: Final = Gauge(
-    "xray_queue_bytes",
-    "Bytes of events queued, or committed and not yet known to be on disk",
-    multiprocess_mode="livesum",
+    "xray_queue_bytes", "Bytes of events queued and not yet committed", multiprocess_mode="livesum"
 )
 FLUSH_EVENTS: Final = Histogram(
     "xray_flush_batch_events", "Events per committed COPY batch", buckets=_BATCH_BUCKETS
