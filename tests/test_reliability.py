@@ -28,12 +28,12 @@ class Cluster:
         self.server, server_dsn = start_embedded_postgres(folder / "pgdata", throwaway=True)
         self.dsn = with_database(server_dsn, "postgres")
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """Stops the server: `fast` shuts down cleanly; `immediate` ends every process at once,
+        as a crash does (what is in the WAL buffers is lost, and the next start recovers)."""
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
-        pg_ctl(
-            ["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user
-        )
+        pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def start(self) -> None:
         self.server.ensure_postgres_running()
@@ -78,13 +78,14 @@ def wait_for_health(port: int, status: str, timeout_s: float = 30) -> dict[str, 
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("stop_mode", ["fast", "immediate"], ids=["stopped", "crashed"])
 async def test_events_accepted_during_a_database_outage_all_land_once_it_is_back(
-    cluster: Cluster,
+    cluster: Cluster, stop_mode: str
 ) -> None:
     server = Server(base_env(DATABASE_URL=cluster.dsn))
     loader = Loader(server.port, threads=3)
     time.sleep(1.0)
-    cluster.stop()
+    cluster.stop(stop_mode)
     acked_before_outage = len(loader.acked)
     assert wait_for_health(server.port, "degraded")["database"] == "unreachable"
     time.sleep(2.0)
@@ -99,8 +100,8 @@ async def test_events_accepted_during_a_database_outage_all_land_once_it_is_back
     stored = await wait_until_stored(cluster.dsn, acked)
     server.stop()
     print(
-        f"\noutage: acked {len(acked)} events ({acked_during_outage} while the database was"
-        f" down), committed {len(stored)}; answers {dict(loader.statuses)}"
+        f"\noutage ({stop_mode}): acked {len(acked)} events ({acked_during_outage} while the"
+        f" database was down), committed {len(stored)}; answers {dict(loader.statuses)}"
     )
     assert acked_during_outage > 0
     assert stored == acked
