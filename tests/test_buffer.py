@@ -412,6 +412,24 @@ async def test_earlier_event_moves_the_trace_start(pool: db.Pool) -> None:
     assert start == early[0][6]
 
 
+async def test_a_query_on_a_session_the_server_just_ended_counts_as_unanswered(
+    pool: db.Pool,
+) -> None:
+    # Depending on what asyncpg has read of the end when the query goes out, it raises
+    # ConnectionDoesNotExistError, InterfaceError or InternalClientError; health checks, key
+    # refreshes and reads must take each as "the database did not answer", never crash on it.
+    raised: set[str] = set()
+    for _ in range(20):
+        held = await pool.acquire()
+        async with pool.acquire() as other:
+            await other.execute("SELECT pg_terminate_backend($1)", held.get_server_pid())
+        with pytest.raises(db.UNANSWERED) as error:
+            await held.execute("SELECT 1")
+        raised.add(type(error.value).__name__)
+        await pool.release(held)
+    print(f"\nraised: {sorted(raised)}")
+
+
 async def flush_around(pool: db.Pool, poison: Row) -> Flusher:
     """Flushes five good rows with `poison` amid them through the real sink, checks that the
     five landed, and returns the stopped flusher."""

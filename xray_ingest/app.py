@@ -73,6 +73,7 @@ _DATABASE_AWAY: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a query on a session the server just ended (see db.UNANSWERED)
 )
 
 

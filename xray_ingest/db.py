@@ -41,7 +41,16 @@ _REJECTION_CLASSES: Final = frozenset({"22", "23", "54"})
 # A metadata tag on at most this many events counts as rare (see fetch_traces_page).
 RARE_TAG_EVENTS: Final = 5_000
 # What a query raises when the database did not answer it: unreachable, timed out, or failed.
-UNANSWERED: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError is what asyncpg raises for a query sent on a connection whose session the
+# server has just ended (a restart, pg_terminate_backend) while asyncpg is between reading the
+# server's last message and noticing the closed socket.
+UNANSWERED: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # jsonb's binary wire format is a version byte followed by the JSON text.
 _JSONB_VERSION: Final = b"\x01"
 # What a connection over a Unix socket may have in the kernel, sent but not yet read by the
