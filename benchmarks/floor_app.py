@@ -14,6 +14,7 @@ import argparse
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from xray_ingest import balance
 from xray_ingest.__main__ import uvicorn_options
 from xray_ingest.config import load_settings
 
@@ -53,6 +54,7 @@ def main() -> None:
     port = parser.parse_args().port
     settings = load_settings()
     options = uvicorn_options(settings, settings.host, port, settings.workers)
+    balance.share_connections_between(settings.workers)
     uvicorn.run("benchmarks.floor_app:app", **options)
 
 

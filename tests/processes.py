@@ -104,6 +104,27 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
 
+    def client_ports_by_worker(self) -> dict[int, set[int]]:
+        """For each process of the server, the client ports of the connections whose sockets
+        it still holds, closed by the client or not (from /proc: the sockets among its
+        descriptors, matched to /proc/net/tcp)."""
+        client_port_of_inode = {}
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == self.port and fields[3] != "0A":  # not the listening socket
+                client_port_of_inode[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+        held: dict[int, set[int]] = {}
+        for pid in process_tree(self.process.pid):
+            held[pid] = set()
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        inode = os.readlink(fd).removeprefix("socket:[").removesuffix("]")
+                        if inode in client_port_of_inode:
+                            held[pid].add(client_port_of_inode[inode])
+        return held
+
     def peak_rss_mib(self) -> float:
         """Peak resident memory (VmHWM), summed over the server and its workers."""
         return sum(peak_rss_mib(pid) for pid in process_tree(self.process.pid))

@@ -130,6 +130,47 @@ def test_keys_commands_create_list_and_revoke_for_a_running_server(database_dsn:
     assert run_cli(env, "keys", "create", "--name", "x", "--scope", "root").returncode == 2
 
 
+def test_two_workers_share_connections_evenly(database_dsn: str) -> None:
+    """A pool's burst of 8 connections is split 4 / 4 (uvicorn's own accept gave one worker all
+    8, 20 bursts out of 20), and connections opened after one worker's closed go to that one."""
+    server = Server(base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="2"))
+
+    def open_connections(count: int) -> list[http.client.HTTPConnection]:
+        opened = [
+            http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(count)
+        ]
+        for connection in opened:
+            connection.connect()
+        for connection in opened:  # accepted by then, and answered
+            connection.request("GET", "/health")
+            assert connection.getresponse().read()
+        return opened
+
+    def shares() -> list[int]:
+        return sorted(len(ports) for ports in server.client_ports_by_worker().values() if ports)
+
+    def wait_for_shares(expected: list[int]) -> None:
+        deadline = time.monotonic() + 5
+        while shares() != expected:
+            assert time.monotonic() < deadline, shares()
+            time.sleep(0.01)
+
+    # The readiness checks' connections, closed by the client, until their workers let them go.
+    wait_for_shares([])
+    burst = open_connections(8)
+    assert shares() == [4, 4]
+    by_worker = [ports for ports in server.client_ports_by_worker().values() if ports]
+    for connection in burst:
+        if connection.sock.getsockname()[1] in by_worker[0]:
+            connection.close()
+    wait_for_shares([4])
+    later = open_connections(4)
+    assert shares() == [4, 4]
+    for connection in [*burst, *later]:
+        connection.close()
+    server.stop()
+
+
 def test_two_workers_log_json_and_report_metrics_summed_over_both(database_dsn: str) -> None:
     env = base_env(DATABASE_URL=database_dsn, XRAY_WORKERS="2", XRAY_LOG_FORMAT="json")
     server = Server(env)

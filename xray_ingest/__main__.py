@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from xray_ingest import keys
+from xray_ingest import balance, keys
 from xray_ingest.config import Settings, load_settings
 from xray_ingest.embedded import start_embedded_postgres
 from xray_ingest.errors import XrayError
@@ -29,7 +29,8 @@ def uvicorn_options(settings: Settings, host: str, port: int, workers: int) -> d
         "host": host,
         "port": port,
         "workers": workers,
-        "loop": "uvloop",
+        # uvloop, accepting connections so that the workers hold even shares (balance.py).
+        "loop": "xray_ingest.balance:BalancedLoop",
         # httptools, with each response sent in one write (see protocol.py).
         "http": "xray_ingest.protocol:HttpProtocol",
         "access_log": False,
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"xray-ingest: {exc}", file=sys.stderr)
             return 2
         _share_metrics_between_workers(settings, args.workers)
+        balance.share_connections_between(args.workers)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
         # previous handlers back. These turn it into a normal exit, so atexit handlers run
         # (they stop the embedded PostgreSQL) and Ctrl-C prints no traceback.

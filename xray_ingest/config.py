@@ -57,6 +57,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     # Set (PROMETHEUS_MULTIPROC_DIR) when several workers run: metrics are summed over them.
     metrics_dir: Path | None = None
+    # Set (XRAY_CONNECTIONS_DIR) by `serve` when several workers run: where each worker counts
+    # its connections, so that they share them evenly (balance.py).
+    connections_dir: Path | None = None
 
 
 _N = TypeVar("_N", int, float)
@@ -157,6 +160,9 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         cors_origins=_origins(environ),
         metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"])
         if environ.get("PROMETHEUS_MULTIPROC_DIR")
+        else None,
+        connections_dir=Path(environ["XRAY_CONNECTIONS_DIR"])
+        if environ.get("XRAY_CONNECTIONS_DIR")
         else None,
     )
     if settings.queue_max_events < settings.max_batch_events:

@@ -29,6 +29,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from xray_ingest import routes
+from xray_ingest.balance import ConnectionTally
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,18 @@ class HttpProtocol(HttpToolsProtocol):
     _plain_body: list[bytes] | None = None
     # uvicorn asked this connection to close while a plain POST was being read.
     _close_after_plain = False
+    # The worker's count of its connections, when balance.BalancedListener accepted this one.
+    tally: ConnectionTally | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         joined = JoinedWrites(transport, asyncio.get_running_loop())
         super().connection_made(joined)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tally is not None:
+            self.tally.add(-1)
+            self.tally = None
+        super().connection_lost(exc)
 
     def _is_plain(self) -> bool:
         """Whether this request is a plain ingest POST, answered here."""
