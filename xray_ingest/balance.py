@@ -192,7 +192,6 @@ class BalancedListener(asyncio.AbstractServer):
             raise
         self.tally.add(1)
         conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = self._loop.create_task(self._connect(conn))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
