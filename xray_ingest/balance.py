@@ -93,17 +93,18 @@ class ConnectionTally:
         """The fewest connections any other live worker holds; None when there is none.
         A dead worker's file (a worker killed before it could remove it) is removed."""
         fewest: int | None = None
-        for entry in os.scandir(self._folder):
-            if entry.name == self._name or not entry.name.isdigit():
-                continue
-            if not _alive(int(entry.name)):
-                Path(entry.path).unlink(missing_ok=True)
-                continue
-            try:
-                count = int.from_bytes(Path(entry.path).read_bytes()[:_COUNT_BYTES], "little")
-            except FileNotFoundError:  # that worker has just stopped
-                continue
-            fewest = count if fewest is None else min(fewest, count)
+        with os.scandir(self._folder) as entries:
+            for entry in entries:
+                if entry.name == self._name or not entry.name.isdigit():
+                    continue
+                if not _alive(int(entry.name)):
+                    Path(entry.path).unlink(missing_ok=True)
+                    continue
+                try:
+                    count = int.from_bytes(Path(entry.path).read_bytes()[:_COUNT_BYTES], "little")
+                except FileNotFoundError:  # that worker has just stopped
+                    continue
+                fewest = count if fewest is None else min(fewest, count)
         return fewest
 
     def holds_more_than_share(self) -> bool:
