@@ -4,6 +4,7 @@ turns on one listening socket (here two in one process, standing for two workers
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -191,6 +192,52 @@ async def test_a_yielding_worker_takes_the_connection_once_it_holds_no_more_than
     finally:
         other.close()
         await workers.close()
+
+
+class AcceptFailingOnce(socket.socket):
+    """A listening socket whose second accept() fails as when the process is out of
+    descriptors."""
+
+    calls = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        AcceptFailingOnce.calls += 1
+        if AcceptFailingOnce.calls == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_a_failed_accept_after_a_yield_pauses_listening_then_takes_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    AcceptFailingOnce.calls = 0
+    listening = socket.create_server(("127.0.0.1", 0))
+    failing = AcceptFailingOnce(fileno=listening.dup().detach())
+    made: list[Connection] = []
+    listener = BalancedListener(
+        asyncio.get_running_loop(), failing, lambda: Connection(made), ConnectionTally(tmp_path)
+    )
+    listener.start(backlog=10)
+    # Another worker that holds nothing and takes nothing: the second connection comes after
+    # a yield, in _recheck, where the failure must not end listening.
+    idle = ConnectionTally(tmp_path, pid=os.getppid())
+    writers = []
+    try:
+        for count in (1, 2):
+            writers.append((await asyncio.open_connection(*listening.getsockname()))[1])
+            async with asyncio.timeout(5):
+                while len(made) < count:
+                    await asyncio.sleep(0.01)
+        assert AcceptFailingOnce.calls == 3
+        assert "accepting a connection failed: [Errno 24] Too many open files" in caplog.text
+        assert listener.tally.held == 2
+        for writer in writers:
+            writer.close()
+    finally:
+        idle.close()
+        listener.close()
+        failing.close()
+        listening.close()
 
 
 async def test_a_closed_listener_accepts_nothing_and_removes_its_count(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import errno
 import logging
 import os
 import select
@@ -41,8 +40,8 @@ logger = logging.getLogger(__name__)
 # how often meanwhile it looks again whether it still does and the connection still waits.
 YIELD_S = 0.02
 _RECHECK_S = 0.001
-# accept() failing for want of descriptors or memory: listening stops this long, instead of
-# the loop waking again at once for the same connection.
+# accept() failing (for want of descriptors or memory, say): listening stops this long, instead
+# of the loop waking again at once for the same connection.
 _ACCEPT_ERROR_PAUSE_S = 0.5
 _COUNT_BYTES = 4
 
@@ -181,16 +180,16 @@ class BalancedListener(asyncio.AbstractServer):
             self._loop.add_reader(self._sock.fileno(), self._on_waiting)
 
     def _accept_one(self) -> bool:
-        """Accepts one waiting connection, if one still waits; False when accept() failed."""
+        """Accepts one waiting connection, if one still waits; False when accept() failed
+        (out of descriptors or memory, say), after which listening pauses."""
         try:
             conn, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return True  # another worker took it, or the client gave up
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                logger.error("accepting a connection failed: %s", exc)
-                return False
-            raise
+            # Raised, it would end listening for good when it came in _recheck.
+            logger.error("accepting a connection failed: %s", exc)
+            return False
         self.tally.add(1)
         conn.setblocking(False)
         task = self._loop.create_task(self._connect(conn))
