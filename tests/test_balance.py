@@ -4,6 +4,7 @@ turns on one listening socket (here two in one process, standing for two workers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -69,9 +70,12 @@ class Connection(asyncio.Protocol):
 
 
 class Workers:
-    """Listeners on copies of one listening socket, each with its tally, as each worker has."""
+    """Listeners on copies of one listening socket, each with its tally, as each worker has.
+    The copies are of listening_type (a socket.socket that fails on purpose, say)."""
 
-    def __init__(self, folder: Path, count: int) -> None:
+    def __init__(
+        self, folder: Path, count: int, listening_type: type[socket.socket] = socket.socket
+    ) -> None:
         self.listening = socket.create_server(("127.0.0.1", 0))
         self.port = self.listening.getsockname()[1]
         self.made: list[Connection] = []
@@ -80,7 +84,7 @@ class Workers:
         self.listeners = [
             BalancedListener(
                 loop,
-                self.listening.dup(),
+                listening_type(fileno=self.listening.dup().detach()),
                 lambda: Connection(self.made),
                 ConnectionTally(folder, pid=pid),
             )
@@ -103,6 +107,11 @@ class Workers:
             while len(self.made) < count:
                 await asyncio.sleep(0.001)
 
+    async def wait_held(self, counts: list[int]) -> None:
+        async with asyncio.timeout(5):
+            while self.held() != counts:
+                await asyncio.sleep(0.001)
+
     async def close(self) -> None:
         for listener in self.listeners:
             listener.close()
@@ -118,15 +127,28 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Workers]:
     await workers.close()
 
 
+@contextlib.asynccontextmanager
+async def beside_an_idle_worker(
+    folder: Path, listening_type: type[socket.socket] = socket.socket
+) -> AsyncIterator[tuple[Workers, ConnectionTally]]:
+    """One listener, and the count of another worker that holds nothing and accepts nothing
+    (busy, say): the listener's second connection comes after a yield."""
+    workers = Workers(folder, 1, listening_type)
+    other = ConnectionTally(folder, pid=os.getppid())
+    try:
+        yield workers, other
+    finally:
+        other.close()
+        await workers.close()
+
+
 async def test_a_burst_of_connections_is_shared_evenly(two_workers: Workers) -> None:
     writers = await two_workers.connect(8)
     await two_workers.wait_made(8)
     assert two_workers.held() == [4, 4]
     for writer in writers:
         writer.close()
-    async with asyncio.timeout(5):
-        while two_workers.held() != [0, 0]:
-            await asyncio.sleep(0.001)
+    await two_workers.wait_held([0, 0])
 
 
 async def test_new_connections_go_to_the_worker_whose_connections_closed(
@@ -140,9 +162,7 @@ async def test_new_connections_go_to_the_worker_whose_connections_closed(
     for connection in two_workers.made:
         if connection.tally is first:
             client_ends[connection.peer].close()
-    async with asyncio.timeout(5):
-        while two_workers.held() != [0, 4]:
-            await asyncio.sleep(0.001)
+    await two_workers.wait_held([0, 4])
     more = await two_workers.connect(4)
     await two_workers.wait_made(12)
     assert two_workers.held() == [4, 4]
@@ -153,10 +173,7 @@ async def test_new_connections_go_to_the_worker_whose_connections_closed(
 async def test_a_connection_no_other_worker_takes_is_taken_after_the_yield(
     tmp_path: Path,
 ) -> None:
-    workers = Workers(tmp_path, 1)
-    # Another worker that holds nothing and accepts nothing (busy, say).
-    idle = ConnectionTally(tmp_path, pid=os.getppid())
-    try:
+    async with beside_an_idle_worker(tmp_path) as (workers, _):
         writers = await workers.connect(1)
         await workers.wait_made(1)
         started = time.perf_counter()
@@ -166,9 +183,6 @@ async def test_a_connection_no_other_worker_takes_is_taken_after_the_yield(
         assert workers.held() == [2]
         for writer in writers:
             writer.close()
-    finally:
-        idle.close()
-        await workers.close()
 
 
 async def test_a_yielding_worker_takes_the_connection_once_it_holds_no_more_than_its_share(
@@ -176,9 +190,7 @@ async def test_a_yielding_worker_takes_the_connection_once_it_holds_no_more_than
 ) -> None:
     # Yielding for longer than the test waits: only the other worker's count can end it.
     monkeypatch.setattr(balance, "YIELD_S", 60.0)
-    workers = Workers(tmp_path, 1)
-    other = ConnectionTally(tmp_path, pid=os.getppid())
-    try:
+    async with beside_an_idle_worker(tmp_path) as (workers, other):
         writers = await workers.connect(1)
         await workers.wait_made(1)
         writers += await workers.connect(1)
@@ -189,9 +201,6 @@ async def test_a_yielding_worker_takes_the_connection_once_it_holds_no_more_than
         assert workers.held() == [2]
         for writer in writers:
             writer.close()
-    finally:
-        other.close()
-        await workers.close()
 
 
 class AcceptFailingOnce(socket.socket):
@@ -211,33 +220,18 @@ async def test_a_failed_accept_after_a_yield_pauses_listening_then_takes_the_con
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     AcceptFailingOnce.calls = 0
-    listening = socket.create_server(("127.0.0.1", 0))
-    failing = AcceptFailingOnce(fileno=listening.dup().detach())
-    made: list[Connection] = []
-    listener = BalancedListener(
-        asyncio.get_running_loop(), failing, lambda: Connection(made), ConnectionTally(tmp_path)
-    )
-    listener.start(backlog=10)
-    # Another worker that holds nothing and takes nothing: the second connection comes after
-    # a yield, in _recheck, where the failure must not end listening.
-    idle = ConnectionTally(tmp_path, pid=os.getppid())
-    writers = []
-    try:
-        for count in (1, 2):
-            writers.append((await asyncio.open_connection(*listening.getsockname()))[1])
-            async with asyncio.timeout(5):
-                while len(made) < count:
-                    await asyncio.sleep(0.01)
+    # The second connection comes after a yield, in _recheck, where the failure must not end
+    # listening.
+    async with beside_an_idle_worker(tmp_path, AcceptFailingOnce) as (workers, _):
+        writers = await workers.connect(1)
+        await workers.wait_made(1)
+        writers += await workers.connect(1)
+        await workers.wait_made(2)
         assert AcceptFailingOnce.calls == 3
         assert "accepting a connection failed: [Errno 24] Too many open files" in caplog.text
-        assert listener.tally.held == 2
+        assert workers.held() == [2]
         for writer in writers:
             writer.close()
-    finally:
-        idle.close()
-        listener.close()
-        failing.close()
-        listening.close()
 
 
 async def test_a_closed_listener_accepts_nothing_and_removes_its_count(tmp_path: Path) -> None:
@@ -255,9 +249,7 @@ async def test_a_closed_listener_accepts_nothing_and_removes_its_count(tmp_path:
     reused = tmp_path / "reused"
     with reused.open("wb") as other_file:
         writers[0].close()
-        async with asyncio.timeout(5):
-            while workers.held() != [0]:
-                await asyncio.sleep(0.001)
+        await workers.wait_held([0])
         other_file.flush()
     assert reused.read_bytes() == b""
     assert errors == []
