@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -67,7 +68,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        workers = int(env.get("XRAY_WORKERS") or default_workers())
+        workers = self.workers = int(env.get("XRAY_WORKERS") or default_workers())
         deadline = time.monotonic() + 60
         # Up when every worker has started (each logs it), not only the first to answer, and
         # the port answers (one worker logs its start before it listens).
@@ -124,6 +125,28 @@ class Server:
                         if inode in client_port_of_inode:
                             held[pid].add(client_port_of_inode[inode])
         return held
+
+    def connection_to_each_worker(self) -> list[http.client.HTTPConnection]:
+        """Keep-alive connections, one held by each worker: opened one at a time until every
+        worker holds one (the workers share connections evenly, so two usually do), the spare
+        ones kept open meanwhile, so that they count, then closed."""
+        kept: dict[int, http.client.HTTPConnection] = {}
+        spare: list[http.client.HTTPConnection] = []
+        while len(kept) < self.workers and len(spare) < 20:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            connection.request("GET", "/health")  # accepted and answered by then
+            assert connection.getresponse().read()
+            port = connection.sock.getsockname()[1]
+            holders = self.client_ports_by_worker().items()
+            pid = next(pid for pid, ports in holders if port in ports)
+            if pid in kept:
+                spare.append(connection)
+            else:
+                kept[pid] = connection
+        for connection in spare:
+            connection.close()
+        assert len(kept) == self.workers, f"{len(spare)} connections went to the same workers"
+        return list(kept.values())
 
     def peak_rss_mib(self) -> float:
         """Peak resident memory (VmHWM), summed over the server and its workers."""
@@ -185,6 +208,16 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ENV_TO_DROP}
     env.update(extra)
     return env
+
+
+def post_batch_on(connection: http.client.HTTPConnection, trace_id: str, size: int) -> set[str]:
+    """One batch of `size` custom events on a kept-alive connection; the ids answered."""
+    events = [samples.custom(trace_id=trace_id) for _ in range(size)]
+    connection.request("POST", "/v1/events/batch", dumps(events))
+    answer = connection.getresponse()
+    body = json.loads(answer.read())
+    assert answer.status == 202, body
+    return set(body["ids"])
 
 
 def post_batches(port: int, trace_id: str, batches: int, size: int) -> set[str]:

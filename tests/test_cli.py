@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks.common import count_events
 from tests import samples
-from tests.processes import Server, base_env, post_batches, request, request_text
+from tests.processes import Server, base_env, post_batch_on, post_batches, request, request_text
 from tests.samples import dumps
 
 
@@ -176,9 +176,12 @@ def test_two_workers_log_json_and_report_metrics_summed_over_both(database_dsn: 
     server = Server(env)
     trace_id = str(uuid.uuid4())
     posted = 0
-    # Each request opens a new connection; the kernel spreads them over both workers.
-    for _ in range(40):
-        posted += len(post_batches(server.port, trace_id, batches=1, size=5))
+    # 20 batches on a connection held by each worker. (Connections opened one after another,
+    # each closed before the next, could all go to one worker: each time both hold none.)
+    for connection in server.connection_to_each_worker():
+        for _ in range(20):
+            posted += len(post_batch_on(connection, trace_id, size=5))
+        connection.close()
     # Request metrics reach a scrape by the other worker within a second (metrics.RequestTally):
     # one connection, so one worker answers every scrape, and the other's requests (both took
     # some: checked below) reach it only through that worker's periodic flush.
