@@ -235,9 +235,25 @@ def invalid_with_depth(event: object, max_depth: int) -> InvalidEvent:
     return caught.value
 
 
+def test_depth_of_arrays_alone_or_objects_alone_is_refused() -> None:
+    only_arrays: object = [1]
+    only_objects: object = {"k": 1}
+    for _ in range(9):
+        only_arrays = [only_arrays]
+        only_objects = {"k": only_objects}
+    # With data's and the event's own objects: 12 levels.
+    for deep in (only_arrays, only_objects):
+        error = invalid_with_depth(samples.custom(data={"deep": deep}), max_depth=11)
+        assert error.message == "JSON is nested deeper than 11 levels"
+        assert decode_row(dumps(samples.custom(data={"deep": deep})), max_depth=12)
+
+
 def test_many_flat_brackets_are_not_mistaken_for_depth() -> None:
     event = samples.custom(data={"items": [[1], [2], [3]] * 20})
     assert decode_row(dumps(event), max_depth=4)
+    # Past the count's cap (one more than the limit) in braces and in brackets alike: 5 levels.
+    event = samples.custom(data={"items": [{"k": [1]}] * 20})
+    assert decode_row(dumps(event), max_depth=5)
 
 
 def test_text_that_looks_like_a_huge_number_is_just_text() -> None:
