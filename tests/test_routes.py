@@ -18,7 +18,8 @@ from starlette.types import Message
 
 from tests import samples
 from tests.samples import dumps
-from xray_ingest.app import GC_YOUNG_THRESHOLD, create_app
+from xray_ingest.allocation import GC_YOUNG_THRESHOLD
+from xray_ingest.app import create_app
 from xray_ingest.auth import KeyRing
 from xray_ingest.config import Settings
 

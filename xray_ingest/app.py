@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import threading
@@ -23,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from xray_ingest import analytics, db, metrics, openapi, routes
+from xray_ingest import allocation, analytics, db, metrics, openapi, routes
 from xray_ingest.auth import AuthMiddleware, KeyRing
 from xray_ingest.buffer import Buffer, Flusher
 from xray_ingest.config import Settings, load_settings
@@ -47,11 +46,6 @@ logger = logging.getLogger(__name__)
 
 # A connection stuck on an unreachable database must not hold up the exit.
 POOL_CLOSE_TIMEOUT_S = 10
-# Allocations between two collections of Python's youngest generation (700 by default). A worker
-# allocates a few objects per event and keeps up to its queue's worth of rows alive, so at 700 it
-# spent its time collecting: batches of 100 took 10.1-10.5 us of server CPU per event and had a
-# p99 of 32-50 ms, against 8.6-8.9 us and 16-17 ms at this threshold (same run, same load).
-GC_YOUNG_THRESHOLD: Final = 50_000
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -240,7 +234,7 @@ def create_app(settings: Settings | None = None, keyring: KeyRing | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        allocation.tune_worker()
         pool = await db.create_pool(dsn, settings.copy_connections + settings.query_connections)
         try:
             await _check_schema(pool)
