@@ -31,7 +31,7 @@ _M_MMAP_THRESHOLD: Final = -3
 
 def tune_malloc() -> bool:
     """Sets glibc malloc's mmap and trim thresholds; False where the C library has no mallopt
-    (musl answers 0, macOS has none), which leaves its defaults."""
+    (macOS) or refuses them, which leaves its own defaults."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
