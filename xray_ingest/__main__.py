@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from types import FrameType
 from typing import Any
 
@@ -21,6 +18,7 @@ from xray_ingest.embedded import start_embedded_postgres
 from xray_ingest.errors import XrayError
 from xray_ingest.logconfig import configure_logging, logging_config
 from xray_ingest.migrate import migrate
+from xray_ingest.workers import fresh_folder_for_workers
 
 
 def uvicorn_options(settings: Settings, host: str, port: int, workers: int) -> dict[str, Any]:
@@ -70,9 +68,7 @@ def _share_metrics_between_workers(settings: Settings, workers: int) -> None:
     prometheus-client reads at import: so it is set here, before the workers start, to a fresh
     folder removed at exit (stale files from an earlier run would add up wrongly)."""
     if workers > 1 and settings.metrics_dir is None:
-        folder = tempfile.mkdtemp(prefix="xray-metrics-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        fresh_folder_for_workers("PROMETHEUS_MULTIPROC_DIR", "xray-metrics-")
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

@@ -19,13 +19,10 @@ with a create_server that, given the shared socket, returns a BalancedListener i
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import select
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from typing import Any
 import uvloop
 
 from xray_ingest.config import load_settings
+from xray_ingest.workers import fresh_folder_for_workers, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +48,7 @@ def share_connections_between(workers: int) -> None:
     """Called before uvicorn starts its workers: several workers count their connections in a
     fresh folder (XRAY_CONNECTIONS_DIR, read by each worker's settings), removed at exit."""
     if workers > 1:
-        folder = tempfile.mkdtemp(prefix="xray-connections-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ["XRAY_CONNECTIONS_DIR"] = folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, under another user
-        return True
-    return True
+        fresh_folder_for_workers("XRAY_CONNECTIONS_DIR", "xray-connections-")
 
 
 class ConnectionTally:
@@ -96,7 +82,7 @@ class ConnectionTally:
             for entry in entries:
                 if entry.name == self._name or not entry.name.isdigit():
                     continue
-                if not _alive(int(entry.name)):
+                if not pid_alive(int(entry.name)):
                     Path(entry.path).unlink(missing_ok=True)
                     continue
                 try:

@@ -25,6 +25,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from xray_ingest.workers import pid_alive
+
 if TYPE_CHECKING:  # the buffer counts into these metrics, so no import at run time
     from xray_ingest.buffer import Buffer
     from xray_ingest.db import Pool
@@ -165,10 +167,6 @@ async def sample_forever(buffer: Buffer, pool: Pool, tally: RequestTally) -> Non
 _LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
-def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
 def forget_dead_workers(directory: Path) -> list[int]:
     """Drops the live-gauge files of workers that are gone, so a dead worker's last queue depth
     stops counting (uvicorn restarts dead workers but has no hook to tell prometheus-client).
@@ -177,7 +175,7 @@ def forget_dead_workers(directory: Path) -> list[int]:
         {
             int(match[1])
             for path in directory.glob("gauge_live*.db")
-            if (match := _LIVE_GAUGE_FILE.fullmatch(path.name)) and not _alive(int(match[1]))
+            if (match := _LIVE_GAUGE_FILE.fullmatch(path.name)) and not pid_alive(int(match[1]))
         }
     )
     for pid in dead:
