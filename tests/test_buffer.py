@@ -134,9 +134,10 @@ async def test_full_batches_flush_without_waiting_for_the_timer() -> None:
     assert await flusher.stop(1) == 0
 
 
-async def test_a_batch_filling_up_during_the_linger_is_written_at_once() -> None:
+async def test_a_batch_reaching_the_linger_share_during_the_linger_is_written_at_once() -> None:
     sink = FakeSink()
-    flusher = flusher_for(sink, max_events=10, interval_s=30)
+    flusher = flusher_for(sink, max_events=100, interval_s=30)
+    assert flusher.max_events * buffer_module.LINGER_SHARE == 10
     flusher.start()
     for row in make_rows(10):
         flusher.buffer.put([row], 1)
@@ -144,6 +145,20 @@ async def test_a_batch_filling_up_during_the_linger_is_written_at_once() -> None
     await wait_for(lambda: len(sink.stored) == 10, timeout_s=2)
     assert [len(batch) for batch in sink.batches] == [10]
     assert await flusher.stop(1) == 0
+
+
+async def test_a_batch_of_the_linger_share_goes_at_once_and_a_smaller_one_lingers() -> None:
+    # At the end of a burst no more events come: a batch this large would linger for nothing.
+    sink = FakeSink()
+    flusher = flusher_for(sink, max_events=1000, interval_s=30)
+    flusher.start()
+    flusher.buffer.put(make_rows(100), 1)
+    await wait_for(lambda: len(sink.stored) == 100, timeout_s=2)
+    flusher.buffer.put(make_rows(99), 1)
+    await asyncio.sleep(0.2)
+    assert [len(batch) for batch in sink.batches] == [100]
+    assert await flusher.stop(1) == 0  # stop() cuts the linger short
+    assert [len(batch) for batch in sink.batches] == [100, 99]
 
 
 async def test_the_lingering_flusher_is_woken_by_a_full_batch_or_a_durable_chunk_only() -> None:
