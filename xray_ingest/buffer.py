@@ -23,7 +23,7 @@ RETRY_CAP_S = 5.0
 # Past this fill of either bound the server reports itself unready (it still takes what fits).
 READY_FILL = 0.9
 # A collection lingers for more events only while it holds less than this share of a full batch.
-# A COPY costs about 1.3 ms beyond its rows (~25 us each; one connection, scratch timings): a
+# A COPY costs about 1.3 ms beyond its rows (~24 us each; one connection, scratch timings): a
 # tenth of 5,000 already spreads that thin, and at the end of a burst no more events come, so
 # lingering would only keep them from the database.
 LINGER_SHARE = 0.1
