@@ -186,6 +186,7 @@ def test_batch_object_array_and_ndjson_forms_decode_alike() -> None:
         assert batch.ids == expected
         assert batch.errors == []
         assert [bytes(row[8]) for row in batch.rows] == [dumps(e) for e in events]
+        assert batch.size == sum(len(dumps(e)) for e in events)
 
 
 def test_batch_with_one_bad_event_keeps_the_others_and_reports_index_and_path() -> None:
@@ -196,6 +197,25 @@ def test_batch_with_one_bad_event_keeps_the_others_and_reports_index_and_path() 
     assert batch.ids[0] == uuid.UUID(events[0]["span_id"])
     assert [(e.index, e.path) for e in batch.errors] == [(1, "$.trace_id")]
     assert batch.size == len(dumps(events[0])) + len(dumps(events[2]))
+
+
+def test_batch_outcomes_stay_per_item_around_several_bad_events() -> None:
+    events = [
+        samples.decision(trace_id="nope"),
+        samples.llm_call(),
+        samples.custom(timestamp="yesterday"),
+        samples.decision(),
+    ]
+    batch = decode_batch(dumps(events), ndjson=False, max_items=10)
+    assert batch.ids == [
+        None,
+        uuid.UUID(events[1]["span_id"]),
+        None,
+        uuid.UUID(events[3]["span_id"]),
+    ]
+    assert [(e.index, e.path) for e in batch.errors] == [(0, "$.trace_id"), (2, "$.timestamp")]
+    assert [bytes(row[8]) for row in batch.rows] == [dumps(events[1]), dumps(events[3])]
+    assert batch.size == len(dumps(events[1])) + len(dumps(events[3]))
 
 
 def test_batch_item_that_is_not_an_object_is_a_per_item_error() -> None:
