@@ -98,7 +98,10 @@ def pack_rows(
         id_bytes = id_.int.to_bytes(16)
         span_bytes = id_bytes if span_id is id_ else span_id.int.to_bytes(16)
         trace_bytes = trace_id.int.to_bytes(16)
-        microseconds = (start - _PG_EPOCH) // _MICROSECOND
+        # From the timedelta's normalized fields: `since // _MICROSECOND` turns both operands
+        # into microseconds through Python ints first (exact either way, before 2000 too).
+        since = start - _PG_EPOCH
+        microseconds = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
         if spans is not None:
             end = microseconds + duration * 1000 if duration else microseconds
             span = spans.get(trace_bytes)
